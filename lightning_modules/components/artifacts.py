@@ -1,0 +1,77 @@
+"""Atomic artifact writes and stage completion markers of the run directory.
+
+A stage folder is complete only when its ``stage.json`` exists; it is written last and
+atomically (temp file + rename), so a killed run never leaves a stage that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STAGE_MARKER = "stage.json"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed JSON ({err})") from err
+
+
+def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
+    return Path(run_dir) / stage
+
+
+def stage_complete(run_dir: str | os.PathLike, stage: str) -> bool:
+    return (stage_dir(run_dir, stage) / STAGE_MARKER).exists()
+
+
+def read_stage(run_dir: str | os.PathLike, stage: str) -> dict:
+    """The ``stage.json`` of a finished stage; a clear error naming the stage otherwise."""
+    path = stage_dir(run_dir, stage) / STAGE_MARKER
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: the '{stage}' stage has not finished in {run_dir}; run it first "
+            f"(python cli.py pipeline ... or python cli.py fit --config configs/<dataset>/{stage}.yaml)")
+    return read_json(path)
+
+
+def mark_stage_complete(run_dir: str | os.PathLike, stage: str, info: dict) -> Path:
+    return atomic_write_json(stage_dir(run_dir, stage) / STAGE_MARKER, info)
+
+
+def fingerprint(*parts: Any) -> str:
+    """Short stable hash of JSON-serialisable parts (config, dataset statistics, ...)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
