@@ -1,0 +1,278 @@
+"""DataModule of the SFT stage: multi-task alignment examples from the training split only.
+
+Training examples are built from ``split.train_items`` (never the validation or test targets):
+
+* ``seqrec`` in ``sequence`` mode (CPU default): a window of up to ``max_history + 1`` training
+  items of one user becomes ONE causal sequence ``prefix item_1 item_2 ...``; the loss covers
+  every item after the first ``window_min_context`` ones (the first window of a user trains
+  from its second item on). One forward pass trains ~16 next-item predictions instead of one.
+  Windows tile the user's sequence from its end with a random shift per draw.
+* ``seqrec`` in ``prompt`` mode (the paper's form): one instruction example per prefix.
+* ``item2index``, ``index2item``, ``user2index``, ``index2user``, ``fusionseqrec``: alignment
+  tasks, ``weight x (natural size)`` examples per epoch (items, users, users).
+
+Validation predicts ``split.valid_target`` from ``history(row, "valid")``; test predicts
+``split.test_target`` from ``history(row, "test")``. Evaluation batches carry row indices,
+targets and the user's seen items (for history exclusion); the model builds the prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.base import RecDataModule
+from datamodules.prompts import (
+    TASKS,
+    PromptBuilder,
+    collate_encoded,
+    default_templates_path,
+    encode_segments,
+    pad_items,
+)
+from lightning_modules.components.scid_map import SCIDMap, load_scid_map
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASKS = {"seqrec": 1.0, "item2index": 0.5, "index2item": 0.25, "user2index": 0.5,
+                 "index2user": 0.25, "fusionseqrec": 0.1}
+
+
+class SFTTrainDataset(Dataset):
+    """Specs ``(task, index)`` of one epoch; the text is drawn in ``__getitem__``.
+
+    ``__getitem__`` returns ``(segments, add_eos)`` (see :mod:`datamodules.prompts`).
+    """
+
+    def __init__(self, prompts: PromptBuilder, split, tasks: dict[str, float],
+                 seqrec_mode: str, window_min_context: int, max_history: int,
+                 seed: int = 0) -> None:
+        self.prompts = prompts
+        self.split = split
+        self.max_history = max_history
+        self.window = max_history + 1
+        self.min_ctx = max(0, min(window_min_context, max_history))
+        self.stride = self.window - self.min_ctx
+        self.seqrec_mode = seqrec_mode
+        users = split.users
+        self.train_items = split.train_items
+        # Natural sizes of the tasks (weight 1.0 = one pass over them).
+        if seqrec_mode == "sequence":
+            seq_specs = [(r, k) for r, s in enumerate(self.train_items)
+                         for k in range(self._num_windows(len(s)))]
+        else:
+            seq_specs = [(r, j) for r, s in enumerate(self.train_items) for j in range(1, len(s))]
+        rows_with_targets = [r for r, s in enumerate(self.train_items) if len(s) >= 2]
+        natural = {
+            "seqrec": seq_specs,
+            "item2index": list(range(split.num_items)),
+            "index2item": list(range(split.num_items)),
+            "user2index": [int(u) for u in users],
+            "index2user": [int(u) for u in users],
+            "fusionseqrec": rows_with_targets,
+        }
+        rng = np.random.default_rng(seed)
+        self.specs: list[tuple[str, object]] = []
+        self.counts: dict[str, int] = {}
+        for task, weight in tasks.items():
+            if task not in TASKS:
+                raise ValueError(f"unknown SFT task {task!r}; known: {TASKS}")
+            if weight <= 0:
+                continue
+            if not prompts.has_task(task):
+                log.warning("task %s skipped: the data lack what it needs", task)
+                continue
+            pool = natural[task]
+            n = int(round(weight * len(pool)))
+            if n == 0 or not pool:
+                continue
+            idx = np.concatenate([rng.permutation(len(pool))
+                                  for _ in range(math.ceil(n / len(pool)))])[:n]
+            self.specs += [(task, pool[i]) for i in idx]
+            self.counts[task] = n
+
+    def _num_windows(self, n: int) -> int:
+        # Targets are positions 1..n-1; each window trains `stride` of them.
+        return max(0, math.ceil((n - 1) / self.stride))
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def _window(self, row: int, k: int) -> tuple[list[int], int]:
+        """Items of window ``k`` of ``row`` (from the end) and the first trained position."""
+        seq = self.train_items[row]
+        n = len(seq)
+        # The most recent items (k = 0) always train: they are closest to the held-out targets.
+        shift = random.randrange(self.stride) if k else 0
+        end = max(1, n - 1 - k * self.stride - shift)  # index of the last item in the window
+        start = max(0, end + 1 - self.window)
+        items = seq[start:end + 1]
+        first = 1 if start == 0 else self.min_ctx
+        return [int(i) for i in items], first
+
+    def __getitem__(self, i: int):
+        task, spec = self.specs[i]
+        p = self.prompts
+        users = self.split.users
+        if task == "seqrec":
+            row, k = spec
+            user = int(users[row])
+            if self.seqrec_mode == "sequence":
+                items, first = self._window(row, k)
+                return p.sequence_segments(user, items, first), False
+            seq = self.train_items[row]
+            hist = seq[max(0, k - self.max_history):k]
+            return p.seqrec(user, hist, int(seq[k])), False
+        if task == "item2index":
+            return p.item2index(spec), False
+        if task == "index2item":
+            return p.index2item(spec), True
+        if task == "user2index":
+            return p.user2index(spec), False
+        if task == "index2user":
+            return p.index2user(spec), True
+        if task == "fusionseqrec":
+            row = spec
+            seq = self.train_items[row]
+            j = random.randrange(1, len(seq))
+            hist = seq[max(0, j - self.max_history):j]
+            segs = p.fusionseqrec(int(users[row]), hist, int(seq[j]))
+            return segs, not segs[-1][0].startswith("<")
+        raise AssertionError(task)
+
+
+class TrainCollator:
+    """Tokenizes a batch of segment lists; dynamic (per-batch) right padding."""
+
+    def __init__(self, tokenizer, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, batch):
+        rows = encode_segments(self.tokenizer, [b[0] for b in batch], [b[1] for b in batch],
+                               max_length=self.max_length)
+        return collate_encoded(rows, self.tokenizer.pad_token_id)
+
+
+class EvalDataset(Dataset):
+    """One row per kept user: ``(row, target, seen items)`` of the ``stage`` split."""
+
+    def __init__(self, split, stage: str, rows: np.ndarray) -> None:
+        self.split = split
+        self.stage = stage
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        s = self.split
+        if self.stage == "predict":
+            seen = np.append(s.seen_items(row, "test"), s.test_target[row])
+            target = -1
+        else:
+            seen = s.seen_items(row, self.stage)
+            target = int(s.target(self.stage)[row])
+        return row, target, seen
+
+
+def eval_collate(batch) -> dict[str, torch.Tensor]:
+    """``rows`` ``[B]``, ``target`` ``[B]``, ``exclude`` ``[B, H]`` (seen items, -1 padded)."""
+    return {"rows": torch.tensor([b[0] for b in batch], dtype=torch.long),
+            "target": torch.tensor([b[1] for b in batch], dtype=torch.long),
+            "exclude": pad_items([b[2] for b in batch])}
+
+
+class SFTDataModule(RecDataModule):
+    """Multi-task SFT data (see the module docstring); base arguments as in ``RecDataModule``.
+
+    Args:
+        scid_dir: folder of ``scid_map.json`` (default ``<run_dir>/tokenizer``); ablations
+            point it at another tokenizer run.
+        templates: prompt templates YAML (default ``configs/templates/<dataset>_prompts.yaml``).
+        tasks: task -> weight (examples per epoch = weight x natural size; 0 drops the task).
+        seqrec_mode: ``sequence`` (one causal pass per history window) or ``prompt``.
+        window_min_context: items at the start of a window that only serve as context.
+        inject_user: put the user SCID into the prompts (when the map has user codes).
+        fusion_history: history titles shown in fusionseqrec prompts.
+        max_length: longest training row in tokens (longer rows keep their end).
+        val_max_users: evaluate validation on the first N users only (speed); test uses all.
+    """
+
+    def __init__(self, *args, scid_dir: str | None = None, templates: str | None = None,
+                 tasks: dict[str, float] | None = None, seqrec_mode: str = "sequence",
+                 window_min_context: int = 5, inject_user: bool = True,
+                 fusion_history: int = 5, max_length: int = 256,
+                 val_max_users: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scid_dir = scid_dir
+        self.templates = templates
+        self.tasks = dict(DEFAULT_TASKS if tasks is None else tasks)
+        self.seqrec_mode = seqrec_mode
+        self.window_min_context = window_min_context
+        self.inject_user = inject_user
+        self.fusion_history = fusion_history
+        self.max_length = max_length
+        self.val_max_users = val_max_users
+        self.scid_map: SCIDMap | None = None
+        self.prompts: PromptBuilder | None = None
+        self.tokenizer = None
+
+    def scid_path(self) -> Path:
+        if self.scid_dir:
+            return Path(self.scid_dir)
+        if self.run_dir:
+            return Path(self.run_dir) / "tokenizer"
+        raise ValueError("SFTDataModule needs run_dir (with tokenizer/scid_map.json) or scid_dir")
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.prompts is None:
+            self.scid_map = load_scid_map(self.scid_path())
+            templates = self.templates or default_templates_path(self.dataset.name)
+            self.prompts = PromptBuilder(
+                self.dataset, self.scid_map, templates, inject_user=self.inject_user,
+                max_history=self.max_history, fusion_history=self.fusion_history,
+                seqrec_mode=self.seqrec_mode)
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        """The model hands over its tokenizer (it owns it; the collator needs it)."""
+        self.tokenizer = tokenizer
+
+    def train_dataset(self) -> SFTTrainDataset:
+        self.setup()
+        ds = SFTTrainDataset(self.prompts, self.split, self.tasks, self.seqrec_mode,
+                             self.window_min_context, self.max_history, seed=self.seed)
+        log.info("SFT examples per epoch: %s", ds.counts)
+        return ds
+
+    def train_dataloader(self) -> DataLoader:
+        if self.tokenizer is None:
+            raise RuntimeError("no tokenizer attached: the GenerativeRecommender attaches it in "
+                               "configure_model(); call dm.attach_tokenizer(tok) when used alone")
+        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True,
+                          collate_fn=TrainCollator(self.tokenizer, self.max_length),
+                          num_workers=self.num_workers, drop_last=False)
+
+    def _eval(self, stage: str, limit: int | None = None) -> DataLoader:
+        self.setup()
+        rows = np.arange(len(self.split.users))
+        if limit is not None:
+            rows = rows[:limit]
+        return self.eval_loader(EvalDataset(self.split, stage, rows), collate_fn=eval_collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval("valid", self.val_max_users)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval("predict")

@@ -1,0 +1,505 @@
+"""The SFT stage: an HF causal LM that generates the SCID of the next item.
+
+``GenerativeRecommender`` trains on the multi-task examples of
+:class:`datamodules.sft_data.SFTDataModule` (loss on response tokens only), evaluates by
+trie-constrained beam search over the catalogue (history items excluded by default, the
+protocol's rule) and exports an HF ``save_pretrained`` folder that the DPO stage starts from.
+
+The model is built in :meth:`configure_model`, after the DataModule has loaded the data: a
+from-scratch backbone trains its BPE tokenizer on the dataset's text. Checkpoints carry the
+tokenizer and the SCID map, so ``load_from_checkpoint`` rebuilds the same model without data.
+
+Public methods the DPO stage reuses: :meth:`build_prompts`, :meth:`recommend`,
+:meth:`sequence_logprobs`, :meth:`export_artifacts`, :meth:`from_pretrained_dir`, plus the
+attributes ``model``, ``tokenizer``, ``scid_map``, ``trie`` and ``prompts``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from datamodules.prompts import (
+    IGNORE_INDEX,
+    PromptBuilder,
+    collate_encoded,
+    encode_prompts,
+    encode_segments,
+    pad_items,
+)
+from lightning_modules.components.artifacts import (
+    atomic_write_json,
+    atomic_write_text,
+    mark_stage_complete,
+)
+from lightning_modules.components.backbone import (
+    BackboneConfig,
+    LoraSettings,
+    as_backbone_config,
+    as_lora_settings,
+    build_model,
+    build_tokenizer,
+    count_parameters,
+)
+from lightning_modules.components.decoding import ItemTrie, constrained_beam_search
+from lightning_modules.components.metrics import RankingEvaluator
+from lightning_modules.components.scid_map import SCIDMap, load_scid_map
+
+log = logging.getLogger(__name__)
+
+STAGE = "sft"
+SFT_INFO_FILE = "align3gr_sft.json"
+
+
+class GenerativeRecommender(L.LightningModule):
+    """LLM-based generative recommender (Align3GR behaviour level).
+
+    Args:
+        run_dir: pipeline run directory: reads ``tokenizer/scid_map.json`` (unless the
+            DataModule supplies the map), writes ``sft/`` (HF folder, metrics, stage.json).
+        backbone: which causal LM and how to fine-tune it (:class:`BackboneConfig`).
+        lora: LoRA settings, used when ``backbone.finetuning == "lora"``.
+        lr: peak learning rate (AdamW). weight_decay: AdamW weight decay.
+        warmup_ratio: share of the optimizer steps with linear warm-up; then cosine decay.
+        min_lr_ratio: floor of the cosine decay as a share of ``lr``.
+        num_beams: beam width of constrained beam search (>= max(ks)).
+        ks: cut-offs of Recall@K / NDCG@K.
+        exclude_history: never recommend items the user already interacted with.
+        predict_top_k: items per user written by ``predict``.
+        export_on_fit_end: write ``<run_dir>/sft`` (HF folder, stage.json) when fit ends.
+        seed: seed of the backbone's random initialisation.
+    """
+
+    def __init__(self, run_dir: str | None = None, backbone: BackboneConfig | None = None,
+                 lora: LoraSettings | None = None, lr: float = 2e-3,
+                 weight_decay: float = 0.01, warmup_ratio: float = 0.02,
+                 min_lr_ratio: float = 0.05, num_beams: int = 20,
+                 ks: list[int] | None = None, exclude_history: bool = True,
+                 predict_top_k: int = 10, export_on_fit_end: bool = True,
+                 seed: int = 42) -> None:
+        super().__init__()
+        ks = [5, 10] if ks is None else list(ks)
+        if num_beams < max(ks):
+            raise ValueError(f"num_beams ({num_beams}) must be >= max(ks) ({max(ks)})")
+        self.save_hyperparameters()
+        self.run_dir = run_dir
+        self.backbone_cfg = as_backbone_config(backbone)
+        self.lora_cfg = as_lora_settings(lora)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.min_lr_ratio = min_lr_ratio
+        self.num_beams = num_beams
+        self.ks = ks
+        self.exclude_history = exclude_history
+        self.predict_top_k = predict_top_k
+        self.export_on_fit_end = export_on_fit_end
+        self.seed = seed
+        self.evaluator = RankingEvaluator(ks, exclude_history=exclude_history)
+        self.model = None
+        self.tokenizer = None
+        self.scid_map: SCIDMap | None = None
+        self.trie: ItemTrie | None = None
+        self.item_tokens: torch.Tensor | None = None  # [num_items, L] vocabulary ids
+        self.scid_token_ids: list[int] = []
+        self.prompts: PromptBuilder | None = None
+        self._split = None
+        self._fit_start: float | None = None
+        self._predictions: list[dict] = []
+        self.results: dict[str, dict[str, float]] = {}
+
+    # -- building ---------------------------------------------------------------------------
+    def _datamodule(self):
+        trainer = self._trainer
+        return None if trainer is None else getattr(trainer, "datamodule", None)
+
+    def configure_model(self) -> None:
+        """Build tokenizer + model once the DataModule's data is there (idempotent)."""
+        dm = self._datamodule()
+        if self.model is None:
+            scid_map, corpus = None, None
+            if dm is not None and hasattr(dm, "prompts"):
+                dm.setup("fit")
+                scid_map = dm.scid_map
+                corpus = dm.prompts.text_corpus()
+            elif self.run_dir:
+                scid_map = load_scid_map(Path(self.run_dir) / "tokenizer")
+            if scid_map is None:
+                raise RuntimeError("GenerativeRecommender needs an SCID map: give run_dir or use "
+                                   "it with an SFTDataModule")
+            tokenizer, ids = build_tokenizer(self.backbone_cfg, corpus, self._scid_vocab(scid_map))
+            self._install(tokenizer, scid_map, ids)
+        if dm is not None and hasattr(dm, "attach_tokenizer"):
+            self.attach_data(dm)
+
+    @staticmethod
+    def _scid_vocab(scid_map: SCIDMap) -> list[str]:
+        return scid_map.item_vocabulary() + scid_map.user_vocabulary()
+
+    def _install(self, tokenizer, scid_map: SCIDMap, scid_ids: list[int], model=None) -> None:
+        """Set tokenizer, SCID map, item-token table and trie; build the model unless given."""
+        self.tokenizer = tokenizer
+        self.scid_map = scid_map
+        self.scid_token_ids = list(scid_ids)
+        if model is None:
+            model = build_model(self.backbone_cfg, tokenizer, self.scid_token_ids, self.lora_cfg,
+                                seed=self.seed)
+        self.model = model
+        rows = [scid_map.item_token_list(i) for i in range(scid_map.num_items)]
+        flat = tokenizer.convert_tokens_to_ids([t for r in rows for t in r])
+        self.item_tokens = torch.tensor(flat, dtype=torch.long).view(scid_map.num_items, -1)
+        self.trie = ItemTrie(self.item_tokens)
+        n = count_parameters(self.model)
+        log.info("backbone: %s, %d parameters (%d trainable), vocabulary %d",
+                 self.backbone_cfg.name_or_path or f"built {self.backbone_cfg.arch}",
+                 n["total"], n["trainable"], len(tokenizer))
+
+    def attach_data(self, datamodule) -> None:
+        """Take the DataModule's prompt builder and split; give it the tokenizer."""
+        datamodule.setup("fit")
+        self.prompts = datamodule.prompts
+        self._split = datamodule.split
+        if self.scid_map is not None and datamodule.scid_map is not None and \
+                not torch.equal(self.scid_map.item_codes, datamodule.scid_map.item_codes):
+            raise ValueError("the DataModule's SCID map differs from the model's")
+        datamodule.attach_tokenizer(self.tokenizer)
+
+    # -- public API (reused by the DPO stage) -----------------------------------------------
+    def build_prompts(self, rows, stage: str) -> list[str]:
+        """Next-item prompts of split rows ``rows`` (``[B]``) for ``stage``.
+
+        ``valid``: history = training items; ``test``: + the validation item; ``predict``:
+        + the test item (recommendations after everything known).
+        """
+        if self.prompts is None or self._split is None:
+            raise RuntimeError("no data attached: call attach_data(datamodule) first")
+        split = self._split
+        mh = self.prompts.max_history
+        out = []
+        for row in torch.as_tensor(rows).tolist():
+            if stage == "predict":
+                hist = np.append(split.history(row, "test", None), split.test_target[row])
+                hist = hist[-mh:] if mh else hist
+            else:
+                hist = split.history(row, stage, mh)
+            out.append(self.prompts.seqrec_prompt(int(split.users[row]), hist))
+        return out
+
+    def _model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def recommend(self, prompts: list[str], exclude=None, num_beams: int | None = None):
+        """Top items for each prompt by trie-constrained beam search.
+
+        Args:
+            prompts: ``B`` prompt strings (from :meth:`build_prompts`).
+            exclude: per prompt, item ids never to return (``list[list[int]]`` or
+                ``LongTensor [B, H]`` padded with -1), or ``None``.
+            num_beams: beam width ``W`` (default: the module's ``num_beams``).
+        Returns:
+            ``items`` ``LongTensor [B, W]`` (internal item ids, best first, -1 if fewer) and
+            ``scores`` ``FloatTensor [B, W]`` (summed log-probabilities).
+        """
+        num_beams = num_beams or self.num_beams
+        device = self._model_device()
+        enc = encode_prompts(self.tokenizer, prompts)
+        if exclude is not None and not isinstance(exclude, torch.Tensor):
+            exclude = pad_items(exclude)
+        if exclude is not None:
+            exclude = exclude.to(device)
+        was_training = self.model.training
+        self.model.eval()  # dropout off; beam search needs deterministic scores
+        try:
+            items, scores = constrained_beam_search(
+                self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                self.trie, num_beams=num_beams, exclude_items=exclude)
+        finally:
+            self.model.train(was_training)
+        return items, scores
+
+    def sequence_logprobs(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Sum of log-probabilities of each response's tokens after its prompt (with grad).
+
+        Args:
+            prompts: ``B`` prompts; responses: ``B`` responses (e.g. item SCID strings).
+        Returns:
+            ``FloatTensor [B]``.
+        """
+        rows = encode_segments(self.tokenizer, [[(p, False), (r, True)]
+                                                for p, r in zip(prompts, responses)])
+        batch = collate_encoded(rows, self.tokenizer.pad_token_id)
+        batch = {k: v.to(self._model_device()) for k, v in batch.items()}
+        logits = self.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        mask = labels != IGNORE_INDEX
+        tok = logp.gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+        return (tok * mask).sum(dim=1)
+
+    def item_response(self, item: int) -> str:
+        """The response string of an item (its SCID tokens)."""
+        return self.scid_map.item_string(int(item))
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch, batch_idx):
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"])
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        # Token throughput: real (unpadded) tokens of this batch.
+        self.log("train/tokens", batch["attention_mask"].sum().float(), reduce_fx="sum",
+                 on_step=False, on_epoch=True, batch_size=bs)
+        return out.loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # No decay on norms, biases and embeddings (rare SCID rows would shrink to 0).
+            (no_decay if p.dim() < 2 or "embed" in name or "norm" in name else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=self.lr, betas=(0.9, 0.98))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.warmup_ratio * total))
+        floor = self.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _eval_step(self, batch, split: str) -> None:
+        prompts = self.build_prompts(batch["rows"], "valid" if split == "valid" else "test")
+        exclude = batch["exclude"] if self.exclude_history else None
+        items, _ = self.recommend(prompts, exclude, self.num_beams)
+        self.evaluator.update_ranked(split, items, batch["target"].to(items.device))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "valid")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _log_split(self, split: str, prefix: str) -> None:
+        metrics = self.evaluator.compute(split)
+        self.evaluator.reset(split)
+        self.results[split] = metrics
+        for k, v in metrics.items():
+            self.log(f"{prefix}/{k}", v, prog_bar=k == f"ndcg@{max(self.ks)}", sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("valid", "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test", "test")
+
+    def on_test_end(self) -> None:
+        if self.run_dir and self.trainer.is_global_zero:
+            self._write_metrics()
+
+    # -- prediction -------------------------------------------------------------------------
+    def predict_step(self, batch, batch_idx):
+        prompts = self.build_prompts(batch["rows"], "predict")
+        exclude = batch["exclude"] if self.exclude_history else None
+        items, scores = self.recommend(prompts, exclude, max(self.num_beams, self.predict_top_k))
+        ds = self.prompts.dataset
+        out = []
+        for r, its, scs in zip(batch["rows"].tolist(), items.tolist(), scores.tolist()):
+            keep = [(i, s) for i, s in zip(its, scs) if i >= 0][: self.predict_top_k]
+            user = int(self._split.users[r])
+            out.append({"user": ds.user_ids[user],
+                        "items": [ds.item_ids[i] for i, _ in keep],
+                        "titles": [self.prompts.item_title(i) for i, _ in keep],
+                        "scores": [round(float(s), 5) for _, s in keep]})
+        self._predictions.extend(out)
+        return out
+
+    def on_predict_epoch_end(self) -> None:
+        if not self.run_dir:
+            return
+        rank = self.trainer.global_rank if self.trainer.world_size > 1 else None
+        name = "predictions.jsonl" if rank is None else f"predictions.rank{rank}.jsonl"
+        text = "".join(json.dumps(p) + "\n" for p in self._predictions)
+        atomic_write_text(Path(self.run_dir) / STAGE / name, text)
+        self._predictions = []
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._fit_start = time.time()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Everything needed to rebuild the model without the data: tokenizer files + SCID map.
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            files = {f: Path(tmp, f).read_text() for f in os.listdir(tmp)
+                     if Path(tmp, f).is_file()}
+        checkpoint["sft_assets"] = {"tokenizer_files": files,
+                                    "scid_map": self.scid_map.to_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoTokenizer
+
+        assets = checkpoint["sft_assets"]
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in assets["tokenizer_files"].items():
+                Path(tmp, name).write_text(text)
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+        scid_map = SCIDMap.from_dict(assets["scid_map"])
+        ids = tokenizer.convert_tokens_to_ids(self._scid_vocab(scid_map))
+        self._install(tokenizer, scid_map, ids)
+
+    # -- export -----------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if self.export_on_fit_end and self.run_dir and self.trainer.is_global_zero:
+            self.export_artifacts()
+
+    def hf_dir(self) -> Path:
+        return Path(self.run_dir) / STAGE / "hf"
+
+    def export_artifacts(self, out_dir: str | os.PathLike | None = None) -> dict:
+        """Write the HF folder (``<run_dir>/sft/hf``), metrics and ``stage.json``.
+
+        The folder loads with plain transformers (``finetuning: full``:
+        ``AutoModelForCausalLM.from_pretrained(dir)``) or peft (``lora``:
+        ``PeftModel.from_pretrained(base, dir)``, where ``base`` is the hub model or, for a
+        built backbone, ``dir/base``, resized to ``len(tokenizer)``), and it holds the
+        tokenizer (with the SCID tokens) and ``scid_map.json``. Returns the stage info.
+        """
+        hf = Path(out_dir) if out_dir is not None else self.hf_dir()
+        tmp = hf.with_name(hf.name + ".tmp")
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        is_peft = hasattr(self.model, "peft_config")
+        if is_peft and not self.backbone_cfg.name_or_path:
+            # A built base model exists nowhere else: save it next to the adapter.
+            base = self.model.get_base_model()
+            # Unwrapped weights of the frozen base (peft layers removed) for plain loading.
+            self._save_unwrapped_base(base, tmp / "base")
+            self.tokenizer.save_pretrained(tmp / "base")
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        self.scid_map.save(tmp)
+        info = {
+            "format": "align3gr-sft/1",
+            "backbone": asdict(self.backbone_cfg),
+            "lora": asdict(self.lora_cfg),
+            "adapter": is_peft,
+            "base": ("base" if is_peft and not self.backbone_cfg.name_or_path
+                     else self.backbone_cfg.name_or_path),
+            "num_items": self.scid_map.num_items,
+            "item_levels": self.scid_map.item_levels,
+            "vocab_size": len(self.tokenizer),
+            "parameters": count_parameters(self.model),
+        }
+        atomic_write_json(tmp / SFT_INFO_FILE, info)
+        if hf.exists():
+            import shutil
+            shutil.rmtree(hf)
+        os.replace(tmp, hf)
+        if self.run_dir and out_dir is None:
+            info = self._write_metrics(extra={"hf_dir": str(hf.relative_to(self.run_dir))})
+        return info
+
+    def _save_unwrapped_base(self, base, path: Path) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: F401  (peft present)
+
+        state = {}
+        for k, v in base.state_dict().items():
+            if "lora_" in k or "modules_to_save" in k or "token_adapter" in k:
+                continue
+            k = k.replace(".base_layer", "").replace(".original_module", "")
+            state[k] = v
+        base.save_pretrained(path, state_dict=state)
+
+    def _write_metrics(self, extra: dict | None = None) -> dict:
+        """``sft/metrics.json`` and ``sft/stage.json`` from the latest results."""
+        out = {"dataset": getattr(self.prompts.dataset, "name", None) if self.prompts else None,
+               "num_items": self.scid_map.num_items,
+               "num_users": int(len(self._split.users)) if self._split is not None else None}
+        for split in ("valid", "test"):
+            if split in self.results:
+                out[split] = self.results[split]
+        if self._fit_start is not None:
+            out["seconds"] = round(time.time() - self._fit_start, 1)
+        out["protocol"] = {"exclude_history": self.exclude_history, "num_beams": self.num_beams,
+                           "ks": self.ks}
+        stage_dir = Path(self.run_dir) / STAGE
+        previous = {}
+        if (stage_dir / "stage.json").exists():
+            previous = json.loads((stage_dir / "stage.json").read_text())
+        merged = {**previous, **out, **(extra or {})}
+        atomic_write_json(stage_dir / "metrics.json", merged)
+        mark_stage_complete(self.run_dir, STAGE, merged)
+        return merged
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained_dir(cls, hf_dir: str | os.PathLike, trainable: bool = True,
+                            **overrides) -> GenerativeRecommender:
+        """Rebuild the module from an exported HF folder (e.g. ``<run_dir>/sft/hf``).
+
+        ``overrides`` are constructor arguments (``run_dir``, ``num_beams``, ``lr`` ...).
+        Call :meth:`attach_data` before :meth:`build_prompts`.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf_dir = Path(hf_dir)
+        info = json.loads((hf_dir / SFT_INFO_FILE).read_text())
+        backbone = BackboneConfig(**info["backbone"])
+        lora = LoraSettings(**info["lora"])
+        module = cls(backbone=backbone, lora=lora, **overrides)
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        scid_map = load_scid_map(hf_dir)
+        if info["adapter"]:
+            from peft import PeftModel
+
+            base_path = hf_dir / "base" if info["base"] == "base" else info["base"]
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=backbone.torch_dtype)
+            if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
+                base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            model = PeftModel.from_pretrained(base, hf_dir, is_trainable=trainable)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=backbone.torch_dtype)
+            model.requires_grad_(trainable)
+        ids = tokenizer.convert_tokens_to_ids(cls._scid_vocab(scid_map))
+        module._install(tokenizer, scid_map, ids, model=model)
+        return module
+
+
+def load_generative_recommender(path: str | os.PathLike, **overrides) -> GenerativeRecommender:
+    """Load from an HF folder (``.../sft/hf``), a run directory, or a Lightning checkpoint."""
+    path = Path(path)
+    if path.is_file():
+        return GenerativeRecommender.load_from_checkpoint(path, map_location="cpu", **overrides)
+    if (path / SFT_INFO_FILE).exists():
+        return GenerativeRecommender.from_pretrained_dir(path, **overrides)
+    if (path / STAGE / "hf" / SFT_INFO_FILE).exists():
+        return GenerativeRecommender.from_pretrained_dir(path / STAGE / "hf", **overrides)
+    raise FileNotFoundError(f"{path}: no SFT model here (expected an HF folder with "
+                            f"{SFT_INFO_FILE}, a run directory or a checkpoint)")
