@@ -1,0 +1,531 @@
+"""The dpo stage: progressive softmax-DPO of the SFT policy (Align3GR preference level).
+
+The policy starts from the SFT stage's export (``<run_dir>/sft/hf``) and goes through a
+curriculum of preference stages, each a few epochs with its own learning rate::
+
+    sp_easy -> sp_medium -> sp_hard -> rf_dislike -> rf_neutral
+
+Self-play stages (``sp_*``) reject the policy's own beam candidates of growing difficulty;
+real-feedback stages (``rf_*``) reject items the user rated low (see
+:mod:`datamodules.preference_data`). Every stage starts from the policy the previous stage
+left, and that policy is the stage's frozen reference.
+
+How it runs: ONE ``Trainer.fit``; the stage of an epoch follows from the cumulative epochs of
+``stages``. :class:`callbacks.selfplay.SelfPlayCallback` makes the pairs of every epoch with
+the current policy (before the first epoch and after each one) and calls :meth:`begin_stage`
+when an epoch opens a new stage. At a stage start the module snapshots the trainable weights
+as the reference, resets the optimizer state, and from then on sets the learning rate of the
+stage (linear warm-up, cosine decay within the stage) before every step. Validation after
+each epoch uses the shared :class:`RankingEvaluator`; the last validation of a stage is its
+per-stage result.
+
+Reference model, memory: no second model is kept. The reference is a copy of the *trainable*
+tensors only (all weights for full fine-tuning of a small model; LoRA adapters plus the
+SCID embedding rows / LM head for a peft policy), taken at the stage start. Reference
+log-probs are computed once per regenerated pair set, under ``no_grad``, by swapping those
+tensors into the policy (``param.data`` swap, no extra copy), and travel with the pairs, so
+the training step runs the policy only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from datamodules.preference_data import FEEDBACK_KINDS, NEGATIVE_KINDS
+from datamodules.prompts import encode_prompts
+from lightning_modules.components.artifacts import atomic_write_json
+from lightning_modules.components.dpo_losses import SoftmaxDPOLoss, reward_statistics
+from lightning_modules.components.metrics import RankingEvaluator
+
+log = logging.getLogger(__name__)
+
+STAGE = "dpo"
+
+# Negative kind of each well-known stage name (a stage may also name its kind explicitly).
+STAGE_NEGATIVES = {"sp_easy": "easy", "sp_medium": "medium", "sp_hard": "hard",
+                   "sp_all": "beam", "static": "random", "rf_dislike": "dislike",
+                   "rf_neutral": "neutral"}
+
+
+@dataclass
+class PreferenceStage:
+    """One stage of the curriculum.
+
+    Attributes:
+        name: stage name (``sp_easy``, ``sp_medium``, ``sp_hard``, ``rf_dislike``,
+            ``rf_neutral``, ``static``, ``sp_all`` or any name with ``negatives`` set).
+        epochs: epochs of the stage (pairs are regenerated before each).
+        lr: peak learning rate of the stage.
+        negatives: negative kind (``easy``, ``medium``, ``hard``, ``beam``, ``random``,
+            ``dislike``, ``neutral``); ``None`` derives it from the name.
+    """
+
+    name: str
+    epochs: int = 1
+    lr: float = 1e-5
+    negatives: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.negatives is None:
+            if self.name not in STAGE_NEGATIVES:
+                raise ValueError(f"stage {self.name!r}: set 'negatives' (one of "
+                                 f"{NEGATIVE_KINDS}) or use a known name {list(STAGE_NEGATIVES)}")
+            self.negatives = STAGE_NEGATIVES[self.name]
+        if self.negatives not in NEGATIVE_KINDS:
+            raise ValueError(f"stage {self.name!r}: unknown negatives {self.negatives!r}; "
+                             f"known: {NEGATIVE_KINDS}")
+        if self.epochs < 1 or self.lr <= 0:
+            raise ValueError(f"stage {self.name!r}: epochs must be >= 1 and lr > 0")
+
+    @property
+    def uses_feedback(self) -> bool:
+        return self.negatives in FEEDBACK_KINDS
+
+
+def default_stages() -> list[PreferenceStage]:
+    return [PreferenceStage(name) for name in
+            ("sp_easy", "sp_medium", "sp_hard", "rf_dislike", "rf_neutral")]
+
+
+def score_responses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_tokens: torch.Tensor) -> torch.Tensor:
+    """Summed log-probabilities of ``M`` fixed-length responses per prompt.
+
+    The prompt is encoded once and its KV cache repeated to the responses, so scoring 1 chosen
+    + N rejected items costs one prompt pass plus ``(N + 1) x (L - 1)`` response tokens rather
+    than ``N + 1`` full passes. Differentiable (gradients flow through the cache).
+
+    Args:
+        model: HF causal LM (or a peft model) taking ``cache``/``use_cache``.
+        input_ids: ``[B, P]`` left-padded prompts; attention_mask: ``[B, P]``.
+        response_tokens: ``[B, M, L]`` vocabulary ids of the responses (item SCIDs).
+    Returns:
+        ``FloatTensor [B, M]``: sum over the ``L`` tokens of ``log_softmax`` over the full
+        vocabulary (float32), the quantity beam search ranks by.
+    """
+    batch, num_resp, length = response_tokens.shape
+    attention_mask = attention_mask.long()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=length > 1, return_dict=True)
+    first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)           # [B, V]
+    logps = first.gather(1, response_tokens[:, :, 0])                         # [B, M]
+    if length == 1:
+        return logps
+    cache = out.cache
+    cache.batch_repeat_interleave(num_resp)
+    mask = torch.cat([attention_mask.repeat_interleave(num_resp, dim=0),
+                      attention_mask.new_ones(batch * num_resp, length - 1)], dim=1)
+    steps = torch.arange(1, length, device=input_ids.device)
+    pos = position_ids[:, -1].repeat_interleave(num_resp).unsqueeze(1) + steps  # [B*M, L-1]
+    feed = response_tokens[:, :, :-1].reshape(batch * num_resp, length - 1)
+    rest = model(input_ids=feed, attention_mask=mask, position_ids=pos, cache=cache,
+                 use_cache=True, return_dict=True).logits
+    rest = torch.log_softmax(rest.float(), dim=-1)                              # [B*M, L-1, V]
+    target = response_tokens[:, :, 1:].reshape(batch * num_resp, length - 1, 1)
+    return logps + rest.gather(2, target).squeeze(2).sum(1).view(batch, num_resp)
+
+
+class PreferenceAligner(L.LightningModule):
+    """Progressive (softmax-)DPO of the SFT policy; see the module docstring.
+
+    Args:
+        run_dir: pipeline run directory: reads ``sft/hf``, writes ``dpo/``.
+        sft_dir: the policy's HF folder when not ``<run_dir>/sft/hf``.
+        stages: the curriculum (default: sp_easy, sp_medium, sp_hard, rf_dislike, rf_neutral,
+            one epoch each at lr 1e-5). Real-feedback stages are skipped, with a log message,
+            when the dataset has no ratings.
+        loss: the preference loss (``SoftmaxDPOLoss`` or ``DPOLoss``; same signature).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of each stage's steps with linear warm-up.
+        min_lr_ratio: floor of each stage's cosine decay, as a share of the stage's lr.
+        reset_optimizer: clear the AdamW moments at every stage start (each stage is a fresh
+            run from the previous policy, as in the paper).
+        disable_dropout: switch dropout off in the policy, so policy and reference log-probs
+            are computed by the same function.
+        num_beams, ks, exclude_history: evaluation protocol (as in the SFT stage).
+        score_batch_size: prompts per forward when computing reference log-probs.
+    """
+
+    stage_name = STAGE
+
+    def __init__(self, run_dir: str | None = None, sft_dir: str | None = None,
+                 stages: list[PreferenceStage] | None = None, loss: nn.Module | None = None,
+                 weight_decay: float = 0.0, warmup_ratio: float = 0.05,
+                 min_lr_ratio: float = 0.0, reset_optimizer: bool = True,
+                 disable_dropout: bool = True, num_beams: int = 20,
+                 ks: list[int] | None = None, exclude_history: bool = True,
+                 score_batch_size: int = 64) -> None:
+        super().__init__()
+        ks = [5, 10] if ks is None else list(ks)
+        if num_beams < max(ks):
+            raise ValueError(f"num_beams ({num_beams}) must be >= max(ks) ({max(ks)})")
+        stages = default_stages() if stages is None else [
+            s if isinstance(s, PreferenceStage) else PreferenceStage(**s) for s in stages]
+        if not stages:
+            raise ValueError("stages must list at least one preference stage")
+        self.save_hyperparameters(ignore=["loss"])
+        self.run_dir = run_dir
+        self.sft_dir = sft_dir
+        self.stages = stages
+        self.loss_fn = loss if loss is not None else SoftmaxDPOLoss(beta=1.0)
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.min_lr_ratio = min_lr_ratio
+        self.reset_optimizer = reset_optimizer
+        self.disable_dropout = disable_dropout
+        self.num_beams = num_beams
+        self.ks = ks
+        self.exclude_history = exclude_history
+        self.score_batch_size = score_batch_size
+        self.evaluator = RankingEvaluator(ks, exclude_history=exclude_history)
+        self.policy = None  # GenerativeRecommender, built in configure_model
+        self.schedule: list[PreferenceStage] = list(stages)
+        self.skipped_stages: list[str] = []
+        self.per_stage: dict[str, dict] = {}
+        self.results: dict[str, dict[str, float]] = {}
+        # Reference = trainable tensors at the stage start; not in the state_dict on purpose.
+        self._reference: dict[str, torch.Tensor] | None = None
+        self._active_stage: int | None = None
+        self._steps_in_stage = 0
+        self._fit_start: float | None = None
+
+    # -- building -------------------------------------------------------------------------------
+    def _datamodule(self):
+        trainer = self._trainer
+        return None if trainer is None else getattr(trainer, "datamodule", None)
+
+    def policy_dir(self) -> Path:
+        if self.sft_dir:
+            return Path(self.sft_dir)
+        if self.run_dir:
+            return Path(self.run_dir) / "sft" / "hf"
+        raise ValueError("PreferenceAligner needs run_dir (with sft/hf) or sft_dir")
+
+    def configure_model(self) -> None:
+        """Load the SFT policy (idempotent) and connect it to the DataModule's prompts."""
+        if self.policy is None:
+            from lightning_modules.generative_recommender import GenerativeRecommender
+
+            path = self.policy_dir()
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no SFT policy; run the 'sft' stage first "
+                                        "(python cli.py pipeline ... --stages sft)")
+            self.policy = GenerativeRecommender.from_pretrained_dir(
+                path, num_beams=self.num_beams, ks=self.ks, exclude_history=self.exclude_history)
+            if self.disable_dropout:
+                _disable_dropout(self.policy.model)
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "attach_tokenizer"):
+            self.policy.attach_data(dm)
+
+    def setup(self, stage: str) -> None:
+        dm = self._datamodule()
+        if stage == "fit" and dm is not None and hasattr(dm, "has_feedback"):
+            self.set_feedback_available(dm.has_feedback, getattr(dm, "dataset_name", ""))
+
+    def set_feedback_available(self, available: bool, dataset: str = "") -> None:
+        """Drop the real-feedback stages from the schedule when the data have no ratings."""
+        if available:
+            self.schedule, self.skipped_stages = list(self.stages), []
+            return
+        self.schedule = [s for s in self.stages if not s.uses_feedback]
+        self.skipped_stages = [s.name for s in self.stages if s.uses_feedback]
+        if self.skipped_stages:
+            log.warning("dataset %s has no ratings: real-feedback stages %s are skipped",
+                        dataset or "?", ", ".join(self.skipped_stages))
+        if not self.schedule:
+            raise ValueError("no preference stage can run: every stage needs ratings and the "
+                             "dataset has none")
+
+    def configure_callbacks(self):
+        from callbacks.selfplay import SelfPlayCallback
+
+        present = self._trainer is not None and any(
+            isinstance(cb, SelfPlayCallback) for cb in self.trainer.callbacks)
+        if present:
+            return []
+        log.info("no SelfPlayCallback configured: adding one with default settings")
+        return [SelfPlayCallback()]
+
+    # -- curriculum -----------------------------------------------------------------------------
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.schedule)
+
+    def stage_index_at(self, epoch: int) -> int | None:
+        """Index into :attr:`schedule` of the stage that trains in ``epoch`` (``None`` past
+        the end)."""
+        end = 0
+        for i, s in enumerate(self.schedule):
+            end += s.epochs
+            if epoch < end:
+                return i
+        return None
+
+    def stage_at(self, epoch: int) -> PreferenceStage | None:
+        i = self.stage_index_at(epoch)
+        return None if i is None else self.schedule[i]
+
+    def stage_bounds(self, index: int) -> tuple[int, int]:
+        """First epoch and one past the last epoch of stage ``index``."""
+        start = sum(s.epochs for s in self.schedule[:index])
+        return start, start + self.schedule[index].epochs
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.policy.model.named_parameters() if p.requires_grad}
+
+    def begin_stage(self, index: int) -> bool:
+        """Open stage ``index``: the current policy becomes the frozen reference and the
+        optimizer starts afresh. Idempotent; returns whether a new stage was opened."""
+        if index == self._active_stage:
+            return False
+        self._reference = {n: p.detach().clone() for n, p in self.trainable_parameters().items()}
+        self._active_stage = index
+        self._steps_in_stage = 0
+        if self.reset_optimizer and self._trainer is not None:
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
+        log.info("preference stage %s (%d/%d): reference reset, negatives=%s, lr=%g",
+                 self.schedule[index].name, index + 1, len(self.schedule),
+                 self.schedule[index].negatives, self.schedule[index].lr)
+        return True
+
+    @contextmanager
+    def reference_weights(self):
+        """Inside the block the policy computes with the reference weights (``.data`` swap, so
+        no extra copy; swapped back on exit, also on error)."""
+        if self._reference is None:
+            raise RuntimeError("no reference yet: begin_stage() takes it")
+        params = self.trainable_parameters()
+        swapped = []
+        try:
+            with torch.no_grad():
+                for name, ref in self._reference.items():
+                    p = params[name]
+                    p.data, self._reference[name] = ref, p.data
+                    swapped.append(name)
+            yield
+        finally:
+            with torch.no_grad():
+                for name in swapped:
+                    p = params[name]
+                    p.data, self._reference[name] = self._reference[name], p.data
+
+    # -- scoring --------------------------------------------------------------------------------
+    def _policy_device(self) -> torch.device:
+        return next(self.policy.model.parameters()).device
+
+    def response_logps(self, prompts: list[str], items: torch.Tensor) -> torch.Tensor:
+        """``[B, M]`` policy log-probs of items ``[B, M]`` (ids >= 0) after each prompt."""
+        device = self._policy_device()
+        enc = encode_prompts(self.policy.tokenizer, prompts)
+        tokens = self.policy.item_tokens.to(device)[items.to(device)]   # [B, M, L]
+        return score_responses(self.policy.model, enc["input_ids"].to(device),
+                               enc["attention_mask"].to(device), tokens)
+
+    @torch.no_grad()
+    def reference_logps(self, prompts: list[str], items: torch.Tensor,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, M]`` reference log-probs (no grad; eval mode). ``valid`` (``[B, M]`` bool)
+        marks real items; the others score 0 and cost nothing beyond the batch's widest row."""
+        was_training = self.policy.model.training
+        self.policy.model.eval()
+        try:
+            out = torch.zeros(items.shape, dtype=torch.float32)
+            width = items.shape[1] if valid is None else max(1, int(valid.sum(1).max()))
+            safe = items[:, :width].clamp(min=0)
+            if self._steps_in_stage == 0:
+                # At the stage start the reference IS the policy: no swap needed.
+                scores = self.response_logps(prompts, safe)
+            else:
+                with self.reference_weights():
+                    scores = self.response_logps(prompts, safe)
+            out[:, :width] = scores.float().cpu()
+            if valid is not None:
+                out = out.masked_fill(~valid, 0.0)
+            return out
+        finally:
+            self.policy.model.train(was_training)
+
+    # -- training -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._fit_start = time.time()
+        trainer = self.trainer
+        total = self.total_epochs
+        if trainer.max_epochs is None or trainer.max_epochs < 0 or trainer.max_epochs > total:
+            # The curriculum decides the length of training.
+            trainer.fit_loop.max_epochs = total
+        elif trainer.max_epochs < total:
+            log.warning("max_epochs=%d < the curriculum's %d epochs: stages after epoch %d do "
+                        "not run", trainer.max_epochs, total, trainer.max_epochs)
+
+    def on_train_epoch_start(self) -> None:
+        epoch = self.current_epoch
+        stage = self.stage_at(epoch)
+        dm = self._datamodule()
+        pairs = getattr(dm, "pairs", None)
+        if stage is None or pairs is None:
+            return
+        record = self.per_stage.setdefault(stage.name, {})
+        record.setdefault("pairs", {})[str(epoch)] = dict(pairs.stats)
+        for key, value in pairs.stats.items():
+            self.log(f"pairs/{stage.name}/{key}", float(value), on_step=False, on_epoch=True,
+                     batch_size=1)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Per-stage schedule: linear warm-up then cosine decay over the stage's steps.
+        index = self.stage_index_at(self.current_epoch)
+        if index is None:
+            return
+        stage = self.schedule[index]
+        first, _ = self.stage_bounds(index)
+        per_epoch = max(1, int(self.trainer.num_training_batches))
+        total = stage.epochs * per_epoch
+        step = (self.current_epoch - first) * per_epoch + batch_idx
+        warmup = max(1, int(self.warmup_ratio * total))
+        if step < warmup:
+            factor = (step + 1) / warmup
+        else:
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            factor = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * progress))
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = stage.lr * factor
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        stage = self.stage_at(self.current_epoch)
+        items = torch.cat([batch["chosen"].unsqueeze(1), batch["rejected"].clamp(min=0)], dim=1)
+        logps = self.response_logps(batch["prompts"], items)                  # [B, 1 + n]
+        mask = batch["rejected_mask"]
+        losses, chosen_rewards, rejected_rewards = self.loss_fn(
+            logps[:, 0], logps[:, 1:], batch["ref_chosen"].to(logps),
+            batch["ref_rejected"].to(logps), rejected_mask=mask)
+        loss = losses.mean()
+        bs = len(batch["prompts"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log(f"train/{stage.name}/loss", loss, on_step=False, on_epoch=True, batch_size=bs,
+                 sync_dist=True)
+        for key, value in reward_statistics(chosen_rewards, rejected_rewards, mask).items():
+            self.log(f"train/{stage.name}/{key}", value, on_step=False, on_epoch=True,
+                     batch_size=bs, sync_dist=True, prog_bar=key == "rewards/accuracy")
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        self._steps_in_stage += 1
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        stage = self.stage_at(self.current_epoch)
+        if stage is None:
+            return
+        prefix = f"train/{stage.name}/"
+        summary = {k[len(prefix):]: float(v) for k, v in self.trainer.callback_metrics.items()
+                   if k.startswith(prefix)}
+        self.per_stage.setdefault(stage.name, {}).setdefault("train", {})[
+            str(self.current_epoch)] = summary
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.trainable_parameters().items():
+            (no_decay if p.dim() < 2 or "embed" in name or "norm" in name else decay).append(p)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=self.schedule[0].lr, betas=(0.9, 0.95))
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _eval_step(self, batch: dict, split: str) -> None:
+        prompts = self.policy.build_prompts(batch["rows"], split)
+        exclude = batch["exclude"] if self.exclude_history else None
+        items, _ = self.policy.recommend(prompts, exclude, self.num_beams)
+        self.evaluator.update_ranked(split, items, batch["target"].to(items.device))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "valid")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_split(self, split: str, prefix: str) -> dict[str, float]:
+        metrics = self.evaluator.compute(split)
+        self.evaluator.reset(split)
+        self.results[split] = metrics
+        for k, v in metrics.items():
+            self.log(f"{prefix}/{k}", v, prog_bar=k == f"ndcg@{max(self.ks)}")
+        return metrics
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._log_split("valid", "val")
+        trainer = self.trainer
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        stage = self.stage_at(self.current_epoch)
+        if stage is not None:
+            # The last validation inside a stage is the stage's result.
+            self.per_stage.setdefault(stage.name, {})["valid"] = dict(metrics)
+            self.per_stage[stage.name]["epoch"] = int(self.current_epoch)
+            self.log_dict({f"val/{stage.name}/{k}": v for k, v in metrics.items()})
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test", "test")
+
+    # -- export ---------------------------------------------------------------------------------
+    def stage_dir(self) -> Path:
+        return Path(self.run_dir) / STAGE
+
+    def export_artifacts(self) -> dict:
+        """Write ``<run_dir>/dpo/<stage>/`` (pair statistics, metrics) and ``<run_dir>/dpo/hf``
+        (the policy as ``save_pretrained``, loadable like the SFT export). Returns the stage
+        record: ``{"per_stage": {stage: {"valid": {...}}}, ...}``."""
+        if not self.run_dir:
+            raise ValueError("export_artifacts needs run_dir")
+        out = self.stage_dir()
+        per_stage = {}
+        for stage in self.schedule:
+            rec = self.per_stage.get(stage.name, {})
+            atomic_write_json(out / stage.name / "pairs.json", {
+                "stage": stage.name, "negatives": stage.negatives,
+                "per_epoch": rec.get("pairs", {})})
+            atomic_write_json(out / stage.name / "metrics.json", {
+                "stage": asdict(stage), "valid": rec.get("valid", {}),
+                "valid_epoch": rec.get("epoch"), "train": rec.get("train", {})})
+            per_stage[stage.name] = {"valid": rec.get("valid", {})}
+        self.policy.export_artifacts(out_dir=out / "hf")
+        record = {
+            "dataset": getattr(getattr(self.policy.prompts, "dataset", None), "name", None),
+            "per_stage": per_stage,
+            "stages": [asdict(s) for s in self.schedule],
+            "skipped_stages": list(self.skipped_stages),
+            "loss": type(self.loss_fn).__name__,
+            "beta": getattr(self.loss_fn, "beta", None),
+            "policy_from": os.path.relpath(self.policy_dir(), self.run_dir),
+            "hf_dir": os.path.relpath(out / "hf", self.run_dir),
+            "protocol": {"exclude_history": self.exclude_history, "num_beams": self.num_beams,
+                         "ks": self.ks},
+        }
+        for split in ("valid", "test"):
+            if split in self.results:
+                record.setdefault("final", {})[split] = self.results[split]
+        if self._fit_start is not None:
+            record["fit_seconds"] = round(time.time() - self._fit_start, 1)
+        atomic_write_json(out / "metrics.json", record)
+        return record
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop"):
+        if config is not None and hasattr(config, key):
+            setattr(config, key, 0.0)
