@@ -1,0 +1,209 @@
+"""Command line of the framework.
+
+Single stages (any LightningModule / LightningDataModule chosen by ``class_path`` in YAML)::
+
+    python cli.py fit --config configs/ml100k/sasrec.yaml --trainer.devices 2 --trainer.strategy ddp
+    python cli.py test --config configs/ml100k/sasrec.yaml --ckpt_path runs/.../best.ckpt
+
+The whole method, stage after stage, into one run directory::
+
+    python cli.py pipeline --config configs/ml100k/pipeline.yaml --run_dir runs/ml100k
+
+``pipeline`` skips stages whose artifacts are complete (a killed run resumes), passes any
+``--trainer.*``/``--model.*``/``--data.*`` flag through to every stage, and writes
+``metrics.json`` and ``report.md`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_modules.components.artifacts import (
+    mark_stage_complete,
+    read_json,
+    stage_complete,
+    stage_dir,
+)
+from lightning_modules.components.report import write_reports
+
+log = logging.getLogger("align3gr")
+
+
+class Align3CLI(LightningCLI):
+    """LightningCLI in subclass mode for model and data; exports stage artifacts after fit."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def after_fit(self) -> None:
+        export_stage(self.trainer, self.model, seconds=None)
+
+
+def _stage_name(model: L.LightningModule) -> str:
+    return getattr(model, "stage_name", type(model).__name__.lower())
+
+
+def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | None,
+                 valid: dict | None = None, test: dict | None = None) -> dict | None:
+    """Write the stage's artifacts and its ``stage.json`` (rank 0 only)."""
+    run_dir = getattr(model, "run_dir", None)
+    if not trainer.is_global_zero or run_dir is None:
+        return None
+    info = model.export_artifacts() if hasattr(model, "export_artifacts") else {}
+    record = {**(info or {})}
+    record.setdefault("protocol", _protocol(trainer, model))
+    if valid is None:
+        valid = {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items()
+                 if k.startswith("val/")}
+    if valid:
+        record["valid"] = valid
+    if test:
+        record["test"] = test
+    if seconds is not None:
+        record["seconds"] = round(seconds, 2)
+    mark_stage_complete(run_dir, _stage_name(model), record)
+    return record
+
+
+def _protocol(trainer: L.Trainer, model: L.LightningModule) -> dict:
+    """The evaluation settings a stage ran with (recorded in metrics.json)."""
+    hp, out = model.hparams, {}
+    data = trainer.datamodule
+    if data is not None and hasattr(data, "max_history"):
+        out["max_history"] = data.max_history
+    for key in ("exclude_history", "num_beams", "ks"):
+        if key in hp:
+            out[key] = list(hp[key]) if key == "ks" else hp[key]
+    return out
+
+
+# -- pipeline ---------------------------------------------------------------------------------
+
+def _metrics_from(results: list[dict], prefix: str) -> dict:
+    out = {}
+    for res in results or []:
+        for k, v in res.items():
+            if k.startswith(prefix + "/"):
+                out[k.split("/", 1)[1]] = float(v)
+    return out
+
+
+def _has_step(model: L.LightningModule, name: str) -> bool:
+    return is_overridden(name, model)
+
+
+def run_stage(name: str, config: str, run_dir: Path, extra: list[str]) -> dict | None:
+    """Fit, validate and test one stage with its best checkpoint; export its artifacts."""
+    args = ["--config", config,
+            f"--model.init_args.run_dir={run_dir}", f"--data.init_args.run_dir={run_dir}",
+            f"--trainer.default_root_dir={run_dir / name}",
+            "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+            f"--trainer.logger.save_dir={run_dir / 'logs'}", f"--trainer.logger.name={name}",
+            *extra]
+    cli = Align3CLI(args=args, run=False)
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+            cb.dirpath = str(run_dir / name / "checkpoints")
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    ckpt = ckpt or None
+    valid = test = None
+    if _has_step(model, "validation_step") and trainer.limit_val_batches != 0:
+        valid = _metrics_from(trainer.validate(model, datamodule=data, ckpt_path=ckpt), "val")
+        ckpt = None  # weights of the best checkpoint are loaded now
+    if _has_step(model, "test_step") and trainer.limit_test_batches != 0:
+        test = _metrics_from(trainer.test(model, datamodule=data, ckpt_path=ckpt), "test")
+    return export_stage(trainer, model, time.perf_counter() - start, valid, test)
+
+
+def pipeline(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cli.py pipeline",
+        description="Run the stages of a pipeline YAML into one run directory.")
+    parser.add_argument("--config", required=True, help="pipeline YAML (configs/<dataset>/pipeline.yaml)")
+    parser.add_argument("--run_dir", default=None, help="run directory (default: from the YAML)")
+    parser.add_argument("--stages", default=None,
+                        help="comma-separated subset of stages to run (default: all in the YAML)")
+    parser.add_argument("--stage_config", action="append", default=[],
+                        help="extra YAML composed after every stage's config, e.g. "
+                             "configs/trainer/gpu.yaml (repeatable)")
+    parser.add_argument("--force", action="store_true",
+                        help="re-run stages even when their artifacts are complete")
+    args, passthrough = parser.parse_known_args(argv)
+    bad = [a for a in passthrough if a.startswith("--") and
+           not a.split("=")[0].startswith(("--trainer.", "--model.", "--data.", "--seed_everything"))]
+    if bad:
+        parser.error(f"unknown pipeline arguments {bad}; stage flags must start with "
+                     "--trainer., --model. or --data.")
+    cfg_path = Path(args.config)
+    if not cfg_path.exists():
+        parser.error(f"{cfg_path}: no such pipeline config")
+    spec = yaml.safe_load(cfg_path.read_text()) or {}
+    stages = spec.get("stages")
+    if not stages:
+        parser.error(f"{cfg_path}: expected a non-empty 'stages' list")
+    run_dir = Path(args.run_dir or spec.get("run_dir") or "runs/default")
+    wanted = set(args.stages.split(",")) if args.stages else None
+    shared = [str(a) for a in spec.get("overrides", [])]
+    names = [s["name"] for s in stages]
+    if wanted and not wanted <= set(names):
+        parser.error(f"--stages {sorted(wanted - set(names))} not in {cfg_path} ({names})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    for stage in stages:
+        name = stage["name"]
+        if wanted and name not in wanted:
+            continue
+        config = stage["config"]
+        if not Path(config).exists():
+            raise FileNotFoundError(f"{cfg_path}: stage '{name}' config {config} does not exist")
+        if stage_complete(run_dir, name) and not args.force:
+            log.warning("stage %s: complete in %s, skipped", name, stage_dir(run_dir, name))
+            continue
+        log.warning("stage %s: running %s", name, config)
+        composed = [x for extra in args.stage_config for x in ("--config", extra)]
+        run_stage(name, config, run_dir,
+                  composed + shared + [str(a) for a in stage.get("overrides", [])] + passthrough)
+        if rank0:
+            write_reports(run_dir, spec.get("dataset", ""), names)
+    if rank0:
+        path = write_reports(run_dir, spec.get("dataset", ""), names)
+        print(f"metrics: {path}\nreport:  {run_dir / 'report.md'}\n"
+              f"logs:    tensorboard --logdir {run_dir / 'logs'}")
+        for name in names:
+            if stage_complete(run_dir, name):
+                rec = read_json(stage_dir(run_dir, name) / "stage.json")
+                if "test" in rec:
+                    print(f"{name:10s} test " + "  ".join(f"{k}={v:.4f}"
+                                                          for k, v in rec["test"].items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "pipeline":
+        return pipeline(argv[1:])
+    Align3CLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""DataModule for ID-based sequential recommenders (SASRec): windows of item ids.
+
+Item ids are shifted by one inside batches so that 0 is padding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.base import RecDataModule, pad_left
+
+
+class TrainWindows(Dataset):
+    """Causal training windows: ``input[j]`` predicts ``target[j]`` (every position trains).
+
+    Windows of at most ``max_history`` inputs end every ``stride`` items from the end of each
+    user's training sequence, so recent positions always see a full history.
+    """
+
+    def __init__(self, train_items: list[np.ndarray], max_history: int, stride: int) -> None:
+        self.max_history = max_history
+        self.windows: list[np.ndarray] = []
+        for seq in train_items:
+            for end in range(len(seq), 1, -stride):
+                self.windows.append(seq[max(0, end - max_history - 1):end])
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        return self.windows[idx]
+
+    def collate(self, batch: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        inputs = pad_left([w[:-1] + 1 for w in batch], self.max_history, 0)
+        targets = pad_left([w[1:] + 1 for w in batch], self.max_history, 0)
+        return {"input_ids": inputs, "targets": targets}
+
+
+class EvalUsers(Dataset):
+    """One row per kept user: history (truncated), target, and all seen items (to exclude)."""
+
+    def __init__(self, split, stage: str, max_history: int) -> None:
+        self.split = split
+        self.stage = stage
+        self.max_history = max_history
+        self.targets = split.target(stage)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, row: int) -> int:
+        return row
+
+    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        hist = [self.split.history(r, self.stage, self.max_history) + 1 for r in rows]
+        seen = [self.split.seen_items(r, self.stage) for r in rows]
+        return {
+            "rows": torch.as_tensor(rows, dtype=torch.long),
+            "input_ids": pad_left(hist, self.max_history, 0),
+            "targets": torch.as_tensor(self.targets[rows], dtype=torch.long),
+            "seen": pad_left(seen, max(len(s) for s in seen), -1),
+        }
+
+
+class SequentialDataModule(RecDataModule):
+    """Leave-one-out data as padded item-id windows.
+
+    Args:
+        train_stride: distance between the ends of consecutive training windows of one user
+            (1 = a window per training position, like per-prefix augmentation; ``max_history`` =
+            each position is a target once).
+        (all other arguments: see :class:`datamodules.base.RecDataModule`)
+    """
+
+    def __init__(self, *args, train_stride: int = 5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_stride = train_stride
+
+    def train_dataloader(self) -> DataLoader:
+        self.load()
+        ds = TrainWindows(self.split.train_items, self.max_history, self.train_stride)
+        gen = torch.Generator().manual_seed(self.seed + (self.trainer.current_epoch
+                                                         if self.trainer else 0))
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, generator=gen,
+                          collate_fn=ds.collate, num_workers=self.num_workers)
+
+    def _eval(self, stage: str) -> DataLoader:
+        self.load()
+        ds = EvalUsers(self.split, stage, self.max_history)
+        return self.eval_loader(ds, collate_fn=ds.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval("test")
+
+    def user_history_loader(self) -> DataLoader:
+        """Training-only histories of *all* internal users (for exporting user embeddings)."""
+        self.load()
+        hist = [np.empty(0, dtype=np.int64)] * self.dataset.num_users
+        for row, user in enumerate(self.split.users):
+            hist[int(user)] = self.split.train_items[row]
+
+        def collate(users: list[int]) -> dict[str, torch.Tensor]:
+            return {"users": torch.as_tensor(users, dtype=torch.long),
+                    "input_ids": pad_left([hist[u][-self.max_history:] + 1 for u in users],
+                                          self.max_history, 0)}
+
+        return DataLoader(list(range(self.dataset.num_users)), batch_size=self.eval_batch_size,
+                          shuffle=False, collate_fn=collate)

@@ -1,0 +1,87 @@
+"""``metrics.json`` (schema in the README's protocol section) and ``report.md`` of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning_modules.components.artifacts import (
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    stage_complete,
+    stage_dir,
+)
+
+SCHEMA_KEYS = ("valid", "test", "seconds", "items", "users", "per_stage")
+DEFAULT_PROTOCOL = {"split": "leave-one-out", "max_history": 20, "exclude_history": True,
+                    "num_beams": 20, "ks": [5, 10]}
+
+
+def collect(run_dir: str | Path, dataset: str, stage_names: list[str]) -> dict:
+    run_dir = Path(run_dir)
+    stages, protocol = {}, dict(DEFAULT_PROTOCOL)
+    for name in stage_names:
+        if not stage_complete(run_dir, name):
+            continue
+        rec = read_json(stage_dir(run_dir, name) / "stage.json")
+        stages[name] = {k: rec[k] for k in SCHEMA_KEYS if k in rec}
+        for k, v in (rec.get("protocol") or {}).items():
+            protocol[k] = v
+        dataset = dataset or rec.get("dataset", "")
+    return {"dataset": dataset, "protocol": protocol, "stages": stages}
+
+
+def _fmt_row(name: str, split: str, metrics: dict, keys: list[str]) -> str:
+    return f"| {name} | {split} | " + " | ".join(
+        f"{metrics[k]:.4f}" if k in metrics else "—" for k in keys) + " |"
+
+
+def render_report(metrics: dict) -> str:
+    proto = metrics["protocol"]
+    ks = proto.get("ks", [5, 10])
+    keys = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
+    lines = [f"# Run report: {metrics['dataset']}", "",
+             f"Protocol: chronological leave-one-out, history ≤ {proto.get('max_history')}, "
+             f"full-catalogue ranking, history items "
+             f"{'excluded' if proto.get('exclude_history') else 'kept'}; generative models rank "
+             f"by trie-constrained beam search (beam {proto.get('num_beams')}).", "",
+             "## Ranking quality", "",
+             "| stage | split | " + " | ".join(keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    stages = metrics["stages"]
+    for name, rec in stages.items():
+        for split in ("valid", "test"):
+            if rec.get(split):
+                lines.append(_fmt_row(name, split, rec[split], keys))
+    tok = stages.get("tokenizer")
+    if tok:
+        lines += ["", "## Tokenizer", "", "| side | collision rate | utilization per level |",
+                  "|---|---|---|"]
+        for side in ("items", "users"):
+            if side in tok:
+                util = ", ".join(f"{u:.3f}" for u in tok[side].get("utilization", []))
+                lines.append(f"| {side} | {tok[side].get('collision_rate', 0):.4f} | {util} |")
+    dpo = stages.get("dpo")
+    if dpo and dpo.get("per_stage"):
+        lines += ["", "## Preference stages (validation after each)", "",
+                  "| preference stage | " + " | ".join(keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for name, rec in dpo["per_stage"].items():
+            valid = rec.get("valid", {})
+            lines.append(f"| {name} | " + " | ".join(
+                f"{valid[k]:.4f}" if k in valid else "—" for k in keys) + " |")
+    lines += ["", "## Wall time", "", "| stage | seconds |", "|---|---|"]
+    for name, rec in stages.items():
+        if "seconds" in rec:
+            lines.append(f"| {name} | {rec['seconds']:.1f} |")
+    lines += ["", "TensorBoard curves: `tensorboard --logdir logs` in this folder.", ""]
+    return "\n".join(lines)
+
+
+def write_reports(run_dir: str | Path, dataset: str, stage_names: list[str]) -> Path:
+    """Rebuild ``metrics.json`` and ``report.md`` from the finished stages' ``stage.json``."""
+    run_dir = Path(run_dir)
+    metrics = collect(run_dir, dataset, stage_names)
+    path = atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic_write_text(run_dir / "report.md", render_report(metrics))
+    return path

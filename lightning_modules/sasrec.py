@@ -1,0 +1,183 @@
+"""SASRec with cross-entropy over the full catalogue: the baseline and the collaborative encoder.
+
+Kang & McAuley (2018) self-attentive sequential recommendation, trained with a softmax over all
+items at every position (the strong CE variant). At the end of fit the stage exports item
+embeddings and per-user embeddings (the encoding of each user's *training* history only) for
+the tokenizer stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.components.artifacts import atomic_torch_save, atomic_write_json
+from lightning_modules.components.metrics import RankingEvaluator
+
+log = logging.getLogger(__name__)
+
+
+class SASRecEncoder(nn.Module):
+    """Causal transformer over item ids (0 = padding). ``forward(ids [B, T]) -> [B, T, d]``."""
+
+    def __init__(self, num_items: int, max_history: int = 20, hidden_size: int = 64,
+                 num_layers: int = 2, num_heads: int = 2, dropout: float = 0.2,
+                 attn_dropout: float = 0.2) -> None:
+        super().__init__()
+        self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_history, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(hidden_size, num_heads, 4 * hidden_size, dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        layer.self_attn.dropout = attn_dropout
+        self.blocks = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(hidden_size)
+        self.register_buffer("causal", torch.triu(torch.full((max_history, max_history),
+                                                             float("-inf")), diagonal=1),
+                             persistent=False)
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        pos = torch.arange(t, device=ids.device)
+        h = self.item_embedding(ids) * (self.item_embedding.embedding_dim ** 0.5)
+        h = self.dropout(h + self.position_embedding(pos))
+        # Causal + key padding in one boolean mask ([B*heads, T, T], True = blocked). Every
+        # position may see itself, so rows of left padding stay finite (never read later).
+        blocked = self.causal[:t, :t].isinf().unsqueeze(0) | (ids == 0).unsqueeze(1)
+        blocked = blocked & ~torch.eye(t, dtype=torch.bool, device=ids.device)
+        heads = self.blocks.layers[0].self_attn.num_heads
+        h = self.blocks(h, mask=blocked.repeat_interleave(heads, dim=0))
+        return self.final_norm(h)
+
+    def item_weights(self) -> torch.Tensor:
+        """``[num_items, d]`` output embeddings (tied with the input embeddings, padding dropped)."""
+        return self.item_embedding.weight[1:]
+
+
+class SASRec(L.LightningModule):
+    """SASRec trained with full-catalogue cross-entropy at every position.
+
+    Args:
+        num_items: catalogue size (linked from the DataModule by the CLI).
+        max_history: input length (protocol default 20).
+        hidden_size, num_layers, num_heads, dropout, attn_dropout: encoder shape.
+        lr, weight_decay: AdamW settings.
+        ks: cut-offs for Recall@K / NDCG@K.
+        exclude_history: drop already-seen items from the ranking (protocol default).
+        run_dir: pipeline run directory; embeddings are exported to ``<run_dir>/sasrec``.
+    """
+
+    stage_name = "sasrec"
+
+    def __init__(self, num_items: int = 0, max_history: int = 20, hidden_size: int = 64,
+                 num_layers: int = 2, num_heads: int = 2, dropout: float = 0.2,
+                 attn_dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 0.0,
+                 ks: list[int] = [5, 10], exclude_history: bool = True,  # noqa: B006
+                 run_dir: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder: SASRecEncoder | None = None
+        if num_items > 0:
+            self._build(num_items)
+        self.evaluator = RankingEvaluator(ks, exclude_history)
+        self.run_dir = run_dir
+
+    def _build(self, num_items: int) -> None:
+        hp = self.hparams
+        hp["num_items"] = num_items  # saved in checkpoints, so load_from_checkpoint rebuilds
+        self.encoder = SASRecEncoder(num_items, hp.max_history, hp.hidden_size, hp.num_layers,
+                                     hp.num_heads, hp.dropout, hp.attn_dropout)
+
+    def setup(self, stage: str) -> None:
+        # The catalogue size is known only once the DataModule has loaded the data.
+        dm = self.trainer.datamodule
+        if dm is None:
+            if self.encoder is None:
+                raise ValueError("SASRec needs num_items or a DataModule that provides it")
+            return
+        if getattr(dm, "max_history", self.hparams.max_history) != self.hparams.max_history:
+            raise ValueError(f"model.max_history={self.hparams.max_history} differs from "
+                             f"data.max_history={dm.max_history}; set both to the same value")
+        if self.encoder is None:
+            self._build(dm.num_items)
+        elif dm.num_items != self.hparams.num_items:
+            raise ValueError(f"model was built for {self.hparams.num_items} items but the data "
+                             f"has {dm.num_items}")
+
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hidden = self.encoder(batch["input_ids"])
+        targets = batch["targets"]
+        keep = targets > 0
+        logits = hidden[keep] @ self.encoder.item_weights().T
+        loss = F.cross_entropy(logits, targets[keep] - 1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(keep.sum()))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
+                                 weight_decay=self.hparams.weight_decay)
+
+    # -- scoring ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_users(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` shifted item ids (0 = padding) → ``[B, d]`` state at the last position."""
+        return self.encoder(input_ids)[:, -1]
+
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, num_items]`` scores of every catalogue item."""
+        return self.encode_users(input_ids) @ self.encoder.item_weights().T
+
+    def _eval_step(self, split: str, batch: dict) -> None:
+        scores = self.score(batch["input_ids"])
+        self.evaluator.update_scores(split, scores, batch["targets"], batch["seen"])
+
+    def _eval_end(self, split: str, prefix: str) -> None:
+        metrics = self.evaluator.compute(split)
+        self.evaluator.reset(split)
+        for k, v in metrics.items():
+            self.log(f"{prefix}/{k}", v, prog_bar=k == "ndcg@10", sync_dist=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("valid", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("valid", "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test", "test")
+
+    # -- artifacts --------------------------------------------------------------------------
+    def export_artifacts(self) -> dict:
+        """Write item and user embeddings into ``<run_dir>/sasrec`` (call on rank 0)."""
+        if self.run_dir is None:
+            log.info("sasrec: no run_dir set, embeddings not exported")
+            return {}
+        dm = self.trainer.datamodule
+        out = Path(self.run_dir) / self.stage_name
+        was_training = self.training
+        self.eval()
+        users = torch.zeros(dm.num_users, self.hparams.hidden_size)
+        for batch in dm.user_history_loader():
+            ids = batch["input_ids"].to(self.device)
+            enc = self.encode_users(ids).float().cpu()
+            enc[(ids == 0).all(dim=1).cpu()] = 0.0  # no training items: no signal
+            users[batch["users"]] = enc
+        items = self.encoder.item_weights().detach().float().cpu().clone()
+        self.train(was_training)
+        atomic_torch_save(items, out / "item_embeddings.pt")
+        atomic_torch_save(users, out / "user_embeddings.pt")
+        info = {"dataset": dm.dataset.name, "num_items": dm.num_items,
+                "num_users": dm.num_users, "embedding_dim": self.hparams.hidden_size}
+        atomic_write_json(out / "embeddings.json", info)
+        return info
