@@ -125,6 +125,12 @@ class GenerativeRecommender(L.LightningModule):
 
     def configure_model(self) -> None:
         """Build tokenizer + model once the DataModule's data is there (idempotent)."""
+        # Lightning calls this under its init-device context (e.g. cuda): build on the CPU, where
+        # the tokenizer-side tables (item tokens, trie) live; the strategy moves the model later.
+        with torch.device("cpu"):
+            self._configure_model()
+
+    def _configure_model(self) -> None:
         dm = self._datamodule()
         if self.model is None:
             scid_map, corpus = None, None
@@ -218,6 +224,8 @@ class GenerativeRecommender(L.LightningModule):
             exclude = pad_items(exclude)
         if exclude is not None:
             exclude = exclude.to(device)
+        if self.trie.device != device:
+            self.trie = self.trie.to(device)  # once, not at every call
         was_training = self.model.training
         self.model.eval()  # dropout off; beam search needs deterministic scores
         try:
