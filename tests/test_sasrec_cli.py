@@ -1,0 +1,113 @@
+"""SASRec through the real CLI and YAML on an ML-100K slice: fit, pipeline, resume, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SLICE = ["--data.init_args.max_users=120", "--trainer.max_epochs=2",
+         "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    run("cli.py", "pipeline", "--config", "configs/ml100k/pipeline.yaml", "--run_dir",
+        str(run_dir), *SLICE)
+    return run_dir
+
+
+def test_pipeline_writes_metrics_report_logs_and_embeddings(pipeline_run):
+    metrics = json.loads((pipeline_run / "metrics.json").read_text())
+    assert metrics["dataset"] == "ml-100k"
+    assert metrics["protocol"]["max_history"] == 20 and metrics["protocol"]["ks"] == [5, 10]
+    sas = metrics["stages"]["sasrec"]
+    for split in ("valid", "test"):
+        assert set(sas[split]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+        assert 0.0 <= sas[split]["ndcg@10"] <= sas[split]["recall@10"] <= 1.0
+        assert sas[split]["recall@5"] <= sas[split]["recall@10"]
+    assert sas["seconds"] > 0
+    assert "| sasrec | test |" in (pipeline_run / "report.md").read_text()
+    assert list((pipeline_run / "logs" / "sasrec").rglob("events.out.tfevents.*"))
+    items = torch.load(pipeline_run / "sasrec" / "item_embeddings.pt")
+    users = torch.load(pipeline_run / "sasrec" / "user_embeddings.pt")
+    assert items.shape == (1682, 64) and users.shape == (120, 64)
+    assert torch.isfinite(items).all() and torch.isfinite(users).all()
+
+
+def test_user_embeddings_encode_training_history_only(pipeline_run):
+    from datamodules.base import pad_left
+    from datamodules.sequential_data import SequentialDataModule
+    from lightning_modules.sasrec import SASRec
+
+    model = SASRec.load_from_checkpoint(pipeline_run / "sasrec" / "checkpoints" / "best.ckpt")
+    model.eval()
+    dm = SequentialDataModule(max_users=120)
+    dm.load()
+    users = torch.load(pipeline_run / "sasrec" / "user_embeddings.pt")
+    row = 3
+    user = int(dm.split.users[row])
+    train_only = pad_left([dm.split.history(row, "valid", 20) + 1], 20, 0)
+    with_valid = pad_left([dm.split.history(row, "test", 20) + 1], 20, 0)
+    assert torch.allclose(users[user], model.encode_users(train_only)[0], atol=1e-5)
+    assert not torch.allclose(users[user], model.encode_users(with_valid)[0], atol=1e-3)
+
+
+def test_pipeline_skips_complete_stages(pipeline_run):
+    marker = pipeline_run / "sasrec" / "stage.json"
+    before = marker.stat().st_mtime_ns
+    proc = run("cli.py", "pipeline", "--config", "configs/ml100k/pipeline.yaml", "--run_dir",
+               str(pipeline_run), *SLICE)
+    assert "stage sasrec: complete" in proc.stderr
+    assert marker.stat().st_mtime_ns == before
+
+
+def test_ddp_evaluation_matches_single_process(pipeline_run, tmp_path):
+    ckpt = str(pipeline_run / "sasrec" / "checkpoints" / "best.ckpt")
+    common = ["--config", "configs/ml100k/sasrec.yaml", "--ckpt_path", ckpt,
+              "--data.init_args.max_users=120", "--trainer.logger=false",
+              "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
+    run("tests/ddp_eval.py", str(tmp_path / "one.json"), *common, "--trainer.devices=1")
+    run("tests/ddp_eval.py", str(tmp_path / "two.json"), *common, "--trainer.devices=2",
+        "--trainer.strategy=ddp")
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["metrics"].keys() == two["metrics"].keys()
+    for key, value in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_single_stage_fit_through_yaml_exports_stage(tmp_path):
+    run("cli.py", "fit", "--config", "configs/ml100k/sasrec.yaml",
+        f"--model.init_args.run_dir={tmp_path}", f"--data.init_args.run_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+        "--data.init_args.max_users=60", "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false")
+    record = json.loads((tmp_path / "sasrec" / "stage.json").read_text())
+    assert record["num_items"] == 1682 and record["num_users"] == 60
+    assert "ndcg@10" in record["valid"]
+
+
+def test_pipeline_rejects_unknown_flags_and_stages(tmp_path):
+    bad = subprocess.run([sys.executable, "cli.py", "pipeline", "--config",
+                          "configs/ml100k/pipeline.yaml", "--run_dir", str(tmp_path),
+                          "--stages", "nonexistent"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "nonexistent" in bad.stderr
+    bad = subprocess.run([sys.executable, "cli.py", "pipeline", "--config",
+                          "configs/ml100k/pipeline.yaml", "--bogus", "1"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--bogus" in bad.stderr
