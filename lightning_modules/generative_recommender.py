@@ -76,16 +76,19 @@ class GenerativeRecommender(L.LightningModule):
         ks: cut-offs of Recall@K / NDCG@K.
         exclude_history: never recommend items the user already interacted with.
         predict_top_k: items per user written by ``predict``.
-        export_on_fit_end: write ``<run_dir>/sft`` (HF folder, stage.json) when fit ends.
+        export_on_fit_end: write ``<run_dir>/sft`` (HF folder, stage.json) when fit ends
+            (``cli.py`` exports after fit/test by itself; this is for plain Trainer use).
         seed: seed of the backbone's random initialisation.
     """
+
+    stage_name = STAGE  # the run-directory folder the CLI exports into
 
     def __init__(self, run_dir: str | None = None, backbone: BackboneConfig | None = None,
                  lora: LoraSettings | None = None, lr: float = 2e-3,
                  weight_decay: float = 0.01, warmup_ratio: float = 0.02,
                  min_lr_ratio: float = 0.05, num_beams: int = 20,
                  ks: list[int] | None = None, exclude_history: bool = True,
-                 predict_top_k: int = 10, export_on_fit_end: bool = True,
+                 predict_top_k: int = 10, export_on_fit_end: bool = False,
                  seed: int = 42) -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
@@ -138,6 +141,10 @@ class GenerativeRecommender(L.LightningModule):
                 dm.setup("fit")
                 scid_map = dm.scid_map
                 corpus = dm.prompts.text_corpus()
+            elif self.backbone_cfg.name_or_path is None:
+                # No data to train the text tokenizer on: load_from_checkpoint is calling, and
+                # on_load_checkpoint rebuilds from the tokenizer stored in the checkpoint.
+                return
             elif self.run_dir:
                 scid_map = load_scid_map(Path(self.run_dir) / "tokenizer")
             if scid_map is None:

@@ -1,0 +1,172 @@
+"""SFT stage end to end on a slice of ML-100K with a tiny random model: training, evaluation,
+export, and loading through plain transformers / peft."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from datamodules.sft_data import SFTDataModule
+from lightning_modules.components.scid_map import SCIDMap
+from lightning_modules.generative_recommender import (
+    GenerativeRecommender,
+    load_generative_recommender,
+)
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+        "text_vocab_size": 300}
+MAX_USERS = 50
+TASKS = {"seqrec": 1.0, "item2index": 0.05, "index2item": 0.02, "user2index": 0.05,
+         "index2user": 0.02, "fusionseqrec": 0.2}
+
+
+def scid_map(num_items: int = 1682, num_users: int = 943, sizes=(12, 12, 12)) -> SCIDMap:
+    rng = np.random.default_rng(0)
+
+    def codes(n):
+        flat = rng.choice(int(np.prod(sizes)), size=n, replace=False)
+        return torch.tensor(np.stack(np.unravel_index(flat, sizes), axis=1))
+
+    return SCIDMap(codes(num_items), list(sizes), codes(num_users), list(sizes))
+
+
+def make_dm(run_dir, **kw) -> SFTDataModule:
+    args = dict(dataset="ml-100k", run_dir=str(run_dir), max_users=MAX_USERS, batch_size=16,
+                eval_batch_size=32, tasks=TASKS, seed=0)
+    args.update(kw)
+    return SFTDataModule(**args)
+
+
+def trainer(**kw) -> L.Trainer:
+    args = dict(max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One epoch of full fine-tuning on 50 users, then test and export."""
+    run_dir = tmp_path_factory.mktemp("run")
+    scid_map().save(run_dir / "tokenizer")
+    L.seed_everything(0, verbose=False)
+    dm = make_dm(run_dir)
+    model = GenerativeRecommender(run_dir=str(run_dir), backbone=TINY, lr=3e-3,
+                                  export_on_fit_end=True)
+    tr = trainer(limit_train_batches=15, limit_val_batches=1)
+    tr.fit(model, datamodule=dm)
+    test = tr.test(model, datamodule=dm, verbose=False)[0]
+    return run_dir, dm, model, tr, test
+
+
+def test_short_sft_run_gives_metrics_and_artifacts(trained):
+    run_dir, dm, model, tr, test = trained
+    for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"):
+        assert 0.0 <= test[f"test/{key}"] <= 1.0
+        assert 0.0 <= model.results["valid"][key] <= 1.0
+    assert test["test/recall@10"] >= test["test/recall@5"]
+    stage = json.loads((run_dir / "sft" / "stage.json").read_text())
+    assert set(stage["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    hf = run_dir / "sft" / "hf"
+    assert (hf / "scid_map.json").exists() and (hf / "tokenizer.json").exists()
+
+
+def test_recommendations_are_valid_unseen_items(trained):
+    _, dm, model, _, _ = trained
+    rows = torch.arange(4)
+    prompts = model.build_prompts(rows, "test")
+    seen = [dm.split.seen_items(r, "test").tolist() for r in range(4)]
+    items, scores = model.recommend(prompts, seen, num_beams=10)
+    assert items.shape == (4, 10) and scores.shape == (4, 10)
+    for r in range(4):
+        got = [i for i in items[r].tolist() if i >= 0]
+        assert len(got) == len(set(got)) and not set(got) & set(seen[r])
+        assert all(0 <= i < dm.dataset.num_items for i in got)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+    # Beam scores are the teacher-forced log-probabilities of the item's SCID tokens.
+    top = items[:, 0].tolist()
+    lp = model.sequence_logprobs(prompts, [model.item_response(i) for i in top])
+    assert lp.requires_grad
+    assert torch.allclose(lp.detach(), scores[:, 0], atol=1e-4)
+
+
+def test_predict_writes_jsonl(trained):
+    run_dir, dm, model, tr, _ = trained
+    model.predict_top_k = 5
+    tr.predict(model, datamodule=dm)
+    lines = (run_dir / "sft" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == MAX_USERS
+    rec = json.loads(lines[0])
+    assert rec["user"] == dm.dataset.user_ids[0] and len(rec["items"]) == 5
+    assert len(rec["titles"]) == 5 and rec["scores"] == sorted(rec["scores"], reverse=True)
+
+
+def test_full_model_loads_with_plain_transformers(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _, model, _, _ = trained
+    hf = run_dir / "sft" / "hf"
+    plain = AutoModelForCausalLM.from_pretrained(hf).eval()
+    tok = AutoTokenizer.from_pretrained(hf)
+    prompt = model.build_prompts(torch.tensor([0]), "valid")[0]
+    assert tok(prompt)["input_ids"] == model.tokenizer(prompt)["input_ids"]
+    x = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    model.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, model.model(input_ids=x).logits,
+                              atol=1e-5)
+    again = load_generative_recommender(run_dir)  # the run directory resolves to sft/hf
+    again.attach_data(make_dm(run_dir))
+    a = model.recommend([prompt], None, 10)[0]
+    b = again.recommend([prompt], None, 10)[0]
+    assert torch.equal(a, b)
+
+
+def test_checkpoint_round_trip_without_data(trained, tmp_path):
+    run_dir, _, model, tr, _ = trained
+    ckpt = tmp_path / "sft.ckpt"
+    tr.save_checkpoint(ckpt)
+    loaded = GenerativeRecommender.load_from_checkpoint(ckpt, map_location="cpu")
+    x = torch.tensor([[loaded.tokenizer.bos_token_id] + loaded.item_tokens[3].tolist()])
+    model.model.eval()
+    loaded.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(input_ids=x).logits, model.model(input_ids=x).logits)
+    assert torch.equal(loaded.item_tokens, model.item_tokens)
+
+
+def test_lora_adapter_round_trip_through_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    scid_map().save(tmp_path / "tokenizer")
+    L.seed_everything(0, verbose=False)
+    dm = make_dm(tmp_path, max_users=10, tasks={"seqrec": 1.0})
+    backbone = {**TINY, "finetuning": "lora"}
+    model = GenerativeRecommender(run_dir=str(tmp_path), backbone=backbone, lr=1e-2,
+                                  lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    tr = trainer(limit_train_batches=3, limit_val_batches=0)
+    tr.fit(model, datamodule=dm)
+    assert hasattr(model.model, "peft_config")
+    model.export_artifacts()
+    hf = tmp_path / "sft" / "hf"
+    assert (hf / "adapter_config.json").exists() and (hf / "base" / "config.json").exists()
+    tok = AutoTokenizer.from_pretrained(hf)
+    base = AutoModelForCausalLM.from_pretrained(hf / "base")
+    base.resize_token_embeddings(len(tok))
+    plain = PeftModel.from_pretrained(base, hf).eval()
+    x = torch.tensor([[tok.bos_token_id] + model.item_tokens[5].tolist()])
+    model.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, model.model(input_ids=x).logits,
+                              atol=1e-5)
+    again = GenerativeRecommender.from_pretrained_dir(hf)
+    assert hasattr(again.model, "peft_config")
+    with torch.no_grad():
+        assert torch.allclose(again.model.eval()(input_ids=x).logits,
+                              model.model(input_ids=x).logits, atol=1e-5)
