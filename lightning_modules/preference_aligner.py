@@ -154,7 +154,6 @@ class PreferenceAligner(L.LightningModule):
         disable_dropout: switch dropout off in the policy, so policy and reference log-probs
             are computed by the same function.
         num_beams, ks, exclude_history: evaluation protocol (as in the SFT stage).
-        score_batch_size: prompts per forward when computing reference log-probs.
     """
 
     stage_name = STAGE
@@ -164,8 +163,7 @@ class PreferenceAligner(L.LightningModule):
                  weight_decay: float = 0.0, warmup_ratio: float = 0.05,
                  min_lr_ratio: float = 0.0, reset_optimizer: bool = True,
                  disable_dropout: bool = True, num_beams: int = 20,
-                 ks: list[int] | None = None, exclude_history: bool = True,
-                 score_batch_size: int = 64) -> None:
+                 ks: list[int] | None = None, exclude_history: bool = True) -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
         if num_beams < max(ks):
@@ -187,7 +185,6 @@ class PreferenceAligner(L.LightningModule):
         self.num_beams = num_beams
         self.ks = ks
         self.exclude_history = exclude_history
-        self.score_batch_size = score_batch_size
         self.evaluator = RankingEvaluator(ks, exclude_history=exclude_history)
         self.policy = None  # GenerativeRecommender, built in configure_model
         self.schedule: list[PreferenceStage] = list(stages)
@@ -197,7 +194,6 @@ class PreferenceAligner(L.LightningModule):
         # Reference = trainable tensors at the stage start; not in the state_dict on purpose.
         self._reference: dict[str, torch.Tensor] | None = None
         self._active_stage: int | None = None
-        self._steps_in_stage = 0
         self._fit_start: float | None = None
 
     # -- building -------------------------------------------------------------------------------
@@ -228,6 +224,15 @@ class PreferenceAligner(L.LightningModule):
         dm = self._datamodule()
         if dm is not None and hasattr(dm, "attach_tokenizer"):
             self.policy.attach_data(dm)
+
+    def prepare(self, datamodule) -> PreferenceAligner:
+        """Connect to a set-up DataModule without a Trainer (tests, benchmarks): load the
+        policy, attach the prompts, apply the feedback availability. Returns ``self``."""
+        datamodule.setup("fit")
+        self.configure_model()
+        self.policy.attach_data(datamodule)
+        self.set_feedback_available(datamodule.has_feedback, datamodule.dataset_name)
+        return self
 
     def setup(self, stage: str) -> None:
         dm = self._datamodule()
@@ -292,7 +297,6 @@ class PreferenceAligner(L.LightningModule):
             return False
         self._reference = {n: p.detach().clone() for n, p in self.trainable_parameters().items()}
         self._active_stage = index
-        self._steps_in_stage = 0
         if self.reset_optimizer and self._trainer is not None:
             for opt in self.trainer.optimizers:
                 opt.state.clear()
@@ -345,12 +349,10 @@ class PreferenceAligner(L.LightningModule):
             out = torch.zeros(items.shape, dtype=torch.float32)
             width = items.shape[1] if valid is None else max(1, int(valid.sum(1).max()))
             safe = items[:, :width].clamp(min=0)
-            if self._steps_in_stage == 0:
-                # At the stage start the reference IS the policy: no swap needed.
+            # Always swap (a pointer swap, free): whether the policy moved since the stage
+            # start is not this method's business.
+            with self.reference_weights():
                 scores = self.response_logps(prompts, safe)
-            else:
-                with self.reference_weights():
-                    scores = self.response_logps(prompts, safe)
             out[:, :width] = scores.float().cpu()
             if valid is not None:
                 out = out.masked_fill(~valid, 0.0)
@@ -404,24 +406,31 @@ class PreferenceAligner(L.LightningModule):
             for group in opt.param_groups:
                 group["lr"] = stage.lr * factor
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        stage = self.stage_at(self.current_epoch)
+    def preference_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean preference loss of a pair batch (:func:`collate_pairs`) and reward statistics.
+
+        The chosen item and the ``n`` rejected ones share one prompt pass
+        (:func:`score_responses`); the reference log-probs come with the batch.
+        """
         items = torch.cat([batch["chosen"].unsqueeze(1), batch["rejected"].clamp(min=0)], dim=1)
         logps = self.response_logps(batch["prompts"], items)                  # [B, 1 + n]
-        mask = batch["rejected_mask"]
+        mask = batch["rejected_mask"].to(logps.device)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(
             logps[:, 0], logps[:, 1:], batch["ref_chosen"].to(logps),
             batch["ref_rejected"].to(logps), rejected_mask=mask)
-        loss = losses.mean()
+        return losses.mean(), reward_statistics(chosen_rewards, rejected_rewards, mask)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        stage = self.stage_at(self.current_epoch)
+        loss, stats = self.preference_loss(batch)
         bs = len(batch["prompts"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log(f"train/{stage.name}/loss", loss, on_step=False, on_epoch=True, batch_size=bs,
                  sync_dist=True)
-        for key, value in reward_statistics(chosen_rewards, rejected_rewards, mask).items():
+        for key, value in stats.items():
             self.log(f"train/{stage.name}/{key}", value, on_step=False, on_epoch=True,
                      batch_size=bs, sync_dist=True, prog_bar=key == "rewards/accuracy")
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
-        self._steps_in_stage += 1
         return loss
 
     def on_train_epoch_end(self) -> None:

@@ -38,6 +38,14 @@ def data_kwargs(run_dir: str | Path, max_users: int = MAX_USERS) -> dict:
             "batch_size": 8, "eval_batch_size": 16, "seed": 0}
 
 
+def shared_sft_run(tmp_path_factory) -> Path:
+    """One tiny SFT run per pytest session (built on first use, then reused)."""
+    run_dir = tmp_path_factory.getbasetemp() / "dpo_tiny_run"
+    if not (run_dir / "sft" / "hf" / "align3gr_sft.json").exists():
+        make_sft_run(run_dir)
+    return run_dir
+
+
 def make_sft_run(run_dir: str | Path, max_users: int = MAX_USERS, train_batches: int = 10) -> Path:
     """Tokenizer + tiny SFT stage in ``run_dir``; returns ``run_dir/sft/hf``."""
     from datamodules.sft_data import SFTDataModule

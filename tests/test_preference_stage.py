@@ -1,0 +1,233 @@
+"""The dpo stage on a tiny real slice: scoring, leak-free pairs, reference handling, a full run."""
+
+import dataclasses
+import json
+import logging
+
+import lightning as L
+import pytest
+import torch
+from dpo_fixtures import MAX_USERS, data_kwargs, shared_sft_run
+from lightning.pytorch.callbacks import Callback
+
+from callbacks.selfplay import SelfPlayCallback
+from datamodules.preference_data import NEGATIVE_KINDS, PreferenceDataModule
+from lightning_modules.preference_aligner import (
+    PreferenceAligner,
+    PreferenceStage,
+    default_stages,
+)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return shared_sft_run(tmp_path_factory)
+
+
+def _connected(run_dir, stages=None, **data_overrides):
+    dm = PreferenceDataModule(**{**data_kwargs(run_dir), "num_negatives": 5, **data_overrides})
+    model = PreferenceAligner(run_dir=str(run_dir), stages=stages).prepare(dm)
+    return dm, model
+
+
+def _trainer(callbacks, **kwargs):
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, callbacks=callbacks, **kwargs)
+
+
+def test_cached_response_scoring_equals_full_sequence_scoring(run_dir):
+    dm, model = _connected(run_dir)
+    specs = dm.sample_specs(0, "easy")[:3]
+    prompts = dm.prompt_texts(specs)
+    items = torch.tensor([[s.chosen, 5, 17, 1000] for s in specs])
+    got = model.response_logps(prompts, items)                        # [3, 4]
+    policy = model.policy
+    flat_prompts = [p for p in prompts for _ in range(items.shape[1])]
+    flat_items = [policy.item_response(i) for i in items.reshape(-1).tolist()]
+    expected = policy.sequence_logprobs(flat_prompts, flat_items).view_as(got)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    got.sum().backward()  # gradients flow through the repeated prompt cache
+    grads = [p.grad for p in model.trainable_parameters().values()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def _adversarial_candidates(dm, specs):
+    """Beam rows that contain every forbidden thing: held-out targets, the chosen item, the
+    user's other items, padding; plus a few unseen items."""
+    s = dm.split
+    rows = []
+    for spec in specs:
+        r = spec.row
+        row = [int(s.valid_target[r]), int(s.test_target[r]), spec.chosen, -1]
+        row += [int(i) for i in s.train_items[r][:10]]
+        row += [i for i in range(0, 200, 7) if i not in dm.interacted(r)][:20]
+        rows.append(row[:36])
+    width = max(map(len, rows))
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
+
+
+@pytest.mark.parametrize("never_engaged", [False, True])
+def test_no_heldout_item_enters_any_pair(run_dir, never_engaged):
+    dm, model = _connected(run_dir, dislike_never_engaged=never_engaged, num_negatives=50)
+    s = dm.split
+    cb = SelfPlayCallback(num_beams=20, batch_size=16, progress_bar=False)
+    checked = 0
+    for kind in NEGATIVE_KINDS:
+        specs = dm.sample_specs(3, kind)
+        assert specs
+        for source in ("adversarial", "policy"):
+            if kind == "random" and source == "policy":
+                continue
+            if source == "adversarial":
+                cands = _adversarial_candidates(dm, specs)
+            else:
+                cands = cb.generate(None, model, dm.prompt_texts(specs),
+                                    dm.beam_exclusions(specs, kind))
+            pairs = dm.build_pairs(specs, kind, None if kind == "random" else cands, epoch=3)
+            for spec, (_, chosen, rejected) in zip(pairs.specs, pairs.as_records()):
+                r = spec.row
+                heldout = {int(s.valid_target[r]), int(s.test_target[r])}
+                train = s.train_items[r]
+                assert spec.position < len(train) and chosen == int(train[spec.position])
+                assert chosen not in heldout or chosen in set(train.tolist())
+                assert not heldout & set(rejected) - set(train.tolist())
+                assert chosen not in rejected and len(set(rejected)) == len(rejected)
+                if kind in ("dislike", "neutral"):
+                    assert s.train_ratings[r][spec.position] >= dm.like_threshold
+                    rated = set(dm.feedback_items(r, kind))
+                    for item in rejected:
+                        assert item in rated or (never_engaged and kind == "dislike"
+                                                 and item not in dm.interacted(r))
+                else:
+                    assert not set(rejected) & dm.interacted(r)
+                checked += 1
+    assert checked > 100
+
+
+def test_held_out_targets_never_in_pairs_even_when_also_in_training(run_dir):
+    """An item both in training and held out (re-rated) is excluded as a negative too."""
+    dm, _ = _connected(run_dir)
+    s = dm.split
+    for kind in ("easy", "beam", "random"):
+        specs = dm.sample_specs(0, kind)
+        cands = None if kind == "random" else _adversarial_candidates(dm, specs)
+        pairs = dm.build_pairs(specs, kind, cands)
+        for spec, (_, _, rejected) in zip(pairs.specs, pairs.as_records()):
+            r = spec.row
+            assert int(s.valid_target[r]) not in rejected
+            assert int(s.test_target[r]) not in rejected
+
+
+class _Probe(Callback):
+    """Records, at the start of every epoch, the reference, the policy and the pairs."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        clone = {n: t.detach().clone() for n, t in pl_module._reference.items()}
+        policy = {n: p.detach().clone() for n, p in pl_module.trainable_parameters().items()}
+        pairs = trainer.datamodule.pairs
+        self.seen[trainer.current_epoch] = {
+            "reference": clone, "policy": policy, "prompts": list(pairs.prompts),
+            "chosen": pairs.chosen.clone(), "rejected": pairs.rejected.clone(),
+            "ref_chosen": pairs.ref_chosen.clone(), "ref_rejected": pairs.ref_rejected.clone()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reference_frozen_within_a_stage_and_reset_between_stages(run_dir):
+    stages = [PreferenceStage("sp_easy", epochs=2, lr=5e-3),
+              PreferenceStage("sp_medium", epochs=1, lr=5e-3)]
+    dm = PreferenceDataModule(**data_kwargs(run_dir), num_negatives=4)
+    model = PreferenceAligner(run_dir=str(run_dir), stages=stages)
+    probe = _Probe()
+    trainer = _trainer([SelfPlayCallback(num_beams=20, batch_size=16, progress_bar=False), probe],
+                       limit_val_batches=1)
+    trainer.fit(model, datamodule=dm)
+    e0, e1, e2 = probe.seen[0], probe.seen[1], probe.seen[2]
+    assert _same(e0["reference"], e0["policy"])            # stage start: reference = policy
+    assert _same(e1["reference"], e0["reference"])         # frozen inside the stage
+    assert not _same(e1["policy"], e1["reference"])        # ... while the policy trained
+    assert _same(e2["reference"], e2["policy"])            # new stage: reset to the policy
+    assert not _same(e2["reference"], e0["reference"])
+    # Epoch 1's reference log-probs are those of the stage-start policy, not the current one.
+    params = model.trainable_parameters()
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(e0["policy"][name])
+    items = torch.cat([e1["chosen"].unsqueeze(1), e1["rejected"].clamp(min=0)], dim=1)
+    with torch.no_grad():
+        expected = model.response_logps(e1["prompts"], items)
+    valid = torch.cat([torch.ones_like(e1["chosen"], dtype=torch.bool).unsqueeze(1),
+                       e1["rejected"] >= 0], dim=1)
+    ref = torch.cat([e1["ref_chosen"].unsqueeze(1), e1["ref_rejected"]], dim=1)
+    torch.testing.assert_close(ref[valid], expected[valid], atol=1e-4, rtol=1e-4)
+    # The weights of the last stage's start are not what the run ended with.
+    assert not _same(e2["policy"], e0["policy"])
+
+
+def test_feedback_stages_skipped_without_ratings(run_dir, caplog):
+    dm = PreferenceDataModule(**data_kwargs(run_dir))
+    dm.setup("fit")
+    dm.split = dataclasses.replace(dm.split, train_ratings=None)
+    assert not dm.has_feedback
+    model = PreferenceAligner(run_dir=str(run_dir))
+    with caplog.at_level(logging.WARNING):
+        model.set_feedback_available(dm.has_feedback, "no-ratings-data")
+    assert [s.name for s in model.schedule] == ["sp_easy", "sp_medium", "sp_hard"]
+    assert "rf_dislike" in caplog.text and "no ratings" in caplog.text
+    only_rf = PreferenceAligner(run_dir=str(run_dir),
+                                stages=[PreferenceStage("rf_dislike")])
+    with pytest.raises(ValueError, match="needs ratings"):
+        only_rf.set_feedback_available(False)
+
+
+def test_stage_configuration_errors():
+    with pytest.raises(ValueError, match="negatives"):
+        PreferenceStage("my_stage")
+    with pytest.raises(ValueError, match="unknown negatives"):
+        PreferenceStage("x", negatives="nope")
+    assert PreferenceStage("my_stage", negatives="hard").negatives == "hard"
+    assert [s.negatives for s in default_stages()] == ["easy", "medium", "hard", "dislike",
+                                                       "neutral"]
+
+
+def test_short_run_through_the_cli(run_dir, tmp_path):
+    """The shipped YAML, shrunk by flags, through the pipeline's stage runner."""
+    import shutil
+    from pathlib import Path
+
+    from cli import run_stage
+    from lightning_modules.generative_recommender import GenerativeRecommender
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "tokenizer", run / "tokenizer")
+    shutil.copytree(run_dir / "sft", run / "sft")
+    config = Path(__file__).resolve().parent.parent / "configs" / "ml100k" / "dpo.yaml"
+    record = run_stage("dpo", str(config), run, [
+        f"--data.init_args.max_users={MAX_USERS}", "--data.init_args.num_negatives=4",
+        "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=16",
+        "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false"])
+    names = ["sp_easy", "sp_medium", "sp_hard", "rf_dislike", "rf_neutral"]
+    assert list(record["per_stage"]) == names
+    for name in names:
+        assert set(record["per_stage"][name]["valid"]) == {"recall@5", "recall@10", "ndcg@5",
+                                                           "ndcg@10"}
+        stats = json.loads((run / "dpo" / name / "pairs.json").read_text())
+        assert stats["per_epoch"], name
+        metrics = json.loads((run / "dpo" / name / "metrics.json").read_text())
+        assert metrics["train"], name
+        train = next(iter(metrics["train"].values()))
+        assert 0.0 <= train["rewards/accuracy"] <= 1.0 and train["loss"] > 0
+    assert set(record["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    assert json.loads((run / "dpo" / "stage.json").read_text())["per_stage"]
+    # The exported policy loads like the SFT export and differs from the SFT weights.
+    dpo = GenerativeRecommender.from_pretrained_dir(run / "dpo" / "hf")
+    sft = GenerativeRecommender.from_pretrained_dir(run / "sft" / "hf")
+    sd_dpo, sd_sft = dpo.model.state_dict(), sft.model.state_dict()
+    assert any(not torch.equal(sd_dpo[k], sd_sft[k]) for k in sd_sft)
