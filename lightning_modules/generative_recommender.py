@@ -438,17 +438,21 @@ class GenerativeRecommender(L.LightningModule):
             shutil.rmtree(hf)
         os.replace(tmp, hf)
         if self.run_dir and out_dir is None:
-            info = self._write_metrics(extra={"hf_dir": str(hf.relative_to(self.run_dir))})
+            summary = {k: info[k] for k in ("adapter", "base", "vocab_size", "parameters")}
+            info = {**info, **self._write_metrics(
+                extra={"hf_dir": str(hf.relative_to(self.run_dir)), **summary})}
         return info
 
-    def _save_unwrapped_base(self, base, path: Path) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: F401  (peft present)
-
+    @staticmethod
+    def _save_unwrapped_base(base, path: Path) -> None:
+        """Save the frozen base weights of a peft-wrapped model under their plain HF names."""
         state = {}
         for k, v in base.state_dict().items():
-            if "lora_" in k or "modules_to_save" in k or "token_adapter" in k:
+            # Adapter weights and trained copies belong to the adapter folder, not the base.
+            if "lora_" in k or ".modules_to_save." in k or "trainable_tokens_delta" in k:
                 continue
-            k = k.replace(".base_layer", "").replace(".original_module", "")
+            for wrapper in (".token_adapter", ".base_layer", ".original_module"):
+                k = k.replace(wrapper, "")
             state[k] = v
         base.save_pretrained(path, state_dict=state)
 

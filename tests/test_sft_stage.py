@@ -140,7 +140,8 @@ def test_checkpoint_round_trip_without_data(trained, tmp_path):
     assert torch.equal(loaded.item_tokens, model.item_tokens)
 
 
-def test_lora_adapter_round_trip_through_peft(tmp_path):
+@pytest.mark.parametrize("new_tokens", ["modules_to_save", "trainable_token_indices"])
+def test_lora_adapter_round_trip_through_peft(tmp_path, new_tokens):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,7 +150,8 @@ def test_lora_adapter_round_trip_through_peft(tmp_path):
     dm = make_dm(tmp_path, max_users=10, tasks={"seqrec": 1.0})
     backbone = {**TINY, "finetuning": "lora"}
     model = GenerativeRecommender(run_dir=str(tmp_path), backbone=backbone, lr=1e-2,
-                                  lora={"r": 4, "alpha": 8, "dropout": 0.0})
+                                  lora={"r": 4, "alpha": 8, "dropout": 0.0,
+                                        "new_tokens": new_tokens})
     tr = trainer(limit_train_batches=3, limit_val_batches=0)
     tr.fit(model, datamodule=dm)
     assert hasattr(model.model, "peft_config")
