@@ -46,8 +46,11 @@ def shared_sft_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def make_sft_run(run_dir: str | Path, max_users: int = MAX_USERS, train_batches: int = 10) -> Path:
-    """Tokenizer + tiny SFT stage in ``run_dir``; returns ``run_dir/sft/hf``."""
+def make_sft_run(run_dir: str | Path, max_users: int = MAX_USERS, train_batches: int = 10,
+                 backbone: dict | None = None) -> Path:
+    """Tokenizer + tiny SFT stage in ``run_dir``; returns ``run_dir/sft/hf``.
+
+    ``backbone`` updates :data:`TINY_BACKBONE` (e.g. ``{"finetuning": "lora"}``)."""
     from datamodules.sft_data import SFTDataModule
     from lightning_modules.generative_recommender import GenerativeRecommender
 
@@ -55,7 +58,8 @@ def make_sft_run(run_dir: str | Path, max_users: int = MAX_USERS, train_batches:
     random_scid_map().save(run_dir / "tokenizer")
     L.seed_everything(0, verbose=False)
     dm = SFTDataModule(**data_kwargs(run_dir, max_users))
-    model = GenerativeRecommender(run_dir=str(run_dir), backbone=TINY_BACKBONE, lr=3e-3,
+    model = GenerativeRecommender(run_dir=str(run_dir),
+                                  backbone={**TINY_BACKBONE, **(backbone or {})}, lr=3e-3,
                                   export_on_fit_end=False)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=train_batches, limit_val_batches=0,
                         accelerator="cpu", logger=False, enable_checkpointing=False,

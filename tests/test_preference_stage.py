@@ -231,3 +231,33 @@ def test_short_run_through_the_cli(run_dir, tmp_path):
     sft = GenerativeRecommender.from_pretrained_dir(run / "sft" / "hf")
     sd_dpo, sd_sft = dpo.model.state_dict(), sft.model.state_dict()
     assert any(not torch.equal(sd_dpo[k], sd_sft[k]) for k in sd_sft)
+
+
+def test_reference_swap_with_a_lora_policy(tmp_path):
+    """peft policy: the reference is a snapshot of the adapters + trainable token rows; while
+    swapped in, the policy scores exactly as at the stage start; the base stays shared."""
+    from dpo_fixtures import make_sft_run
+
+    run = tmp_path / "lora"
+    make_sft_run(run, train_batches=2, backbone={"finetuning": "lora"})
+    dm, model = _connected(run)
+    trainable = model.trainable_parameters()
+    assert any("lora_" in n for n in trainable)
+    assert len(trainable) < len(dict(model.policy.model.named_parameters()))
+    specs = dm.sample_specs(0, "easy")[:4]
+    prompts = dm.prompt_texts(specs)
+    items = torch.tensor([[s.chosen, 3, 99] for s in specs])
+    model.begin_stage(0)
+    with torch.no_grad():
+        start = model.response_logps(prompts, items)
+        for p in trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
+        moved = model.response_logps(prompts, items)
+    assert not torch.allclose(start, moved)
+    torch.testing.assert_close(model.reference_logps(prompts, items), start)
+    # the swap is undone: the policy is the moved one again
+    with torch.no_grad():
+        torch.testing.assert_close(model.response_logps(prompts, items), moved)
+    assert model.begin_stage(0) is False              # same stage: reference kept
+    assert model.begin_stage(1) is True               # next stage: reference = moved policy
+    torch.testing.assert_close(model.reference_logps(prompts, items), moved)
