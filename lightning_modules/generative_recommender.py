@@ -374,18 +374,26 @@ class GenerativeRecommender(L.LightningModule):
                                     "scid_map": self.scid_map.to_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.model is not None:
-            return
         from transformers import AutoTokenizer
 
-        assets = checkpoint["sft_assets"]
+        assets = checkpoint.get("sft_assets")
+        if assets is None:
+            return
+        saved = assets["tokenizer_files"].get("tokenizer.json")
+        if self.model is not None and self.tokenizer is not None and saved is not None and \
+                json.loads(saved) == json.loads(self.tokenizer.backend_tokenizer.to_str()):
+            return  # built from the same data: nothing to swap
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in assets["tokenizer_files"].items():
                 Path(tmp, name).write_text(text)
             tokenizer = AutoTokenizer.from_pretrained(tmp)
         scid_map = SCIDMap.from_dict(assets["scid_map"])
         ids = tokenizer.convert_tokens_to_ids(self._scid_vocab(scid_map))
-        self._install(tokenizer, scid_map, ids)
+        # The checkpoint's tokenizer always wins: its token ids are what the weights learned.
+        self._install(tokenizer, scid_map, ids, model=self.model)
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "attach_tokenizer"):
+            dm.attach_tokenizer(tokenizer)
 
     # -- export -----------------------------------------------------------------------------
     def on_fit_end(self) -> None:
