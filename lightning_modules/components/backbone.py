@@ -156,11 +156,14 @@ def build_model(cfg: BackboneConfig, tokenizer, new_token_ids: list[int] | None 
             cfg.name_or_path, dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code)
     else:
-        if seed is not None:
-            torch.manual_seed(seed)
         mcfg = _built_model_config(cfg, tokenizer)
         mcfg._attn_implementation = cfg.attn_implementation
-        model = AutoModelForCausalLM.from_config(mcfg, dtype=cfg.torch_dtype)
+        # A private RNG stream: the initialisation depends on `seed` alone, and the global
+        # stream (data shuffling, dropout) is left where it was.
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(mcfg, dtype=cfg.torch_dtype)
     if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
         # mean_resizing: new rows start at the mean of the old ones (with a pretrained model this
         # keeps the first logits of new tokens in the normal range).
