@@ -26,7 +26,7 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def pipeline_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     run("cli.py", "pipeline", "--config", "configs/ml100k/pipeline.yaml", "--run_dir",
-        str(run_dir), *SLICE)
+        str(run_dir), "--stages", "sasrec", *SLICE)
     return run_dir
 
 
@@ -70,7 +70,7 @@ def test_pipeline_skips_complete_stages(pipeline_run):
     marker = pipeline_run / "sasrec" / "stage.json"
     before = marker.stat().st_mtime_ns
     proc = run("cli.py", "pipeline", "--config", "configs/ml100k/pipeline.yaml", "--run_dir",
-               str(pipeline_run), *SLICE)
+               str(pipeline_run), "--stages", "sasrec", *SLICE)
     assert "stage sasrec: complete" in proc.stderr
     assert marker.stat().st_mtime_ns == before
 
