@@ -146,12 +146,17 @@ class PreferenceDataModule(SFTDataModule):
         max_prompts: cap on prompts per epoch (``None``: no cap).
         min_history: the earliest training position used (items of history before it).
         num_negatives: ``N``, rejected items per pair (paper: 20).
+        bucket_levels: code levels compared when bucketing self-play candidates (the first
+            ``bucket_levels``); ``None`` = every semantic level: all levels, except a
+            de-duplication level the tokenizer appended (its codes carry no meaning, and
+            nearly every item shares code 0 there).
     """
 
     def __init__(self, *args, like_threshold: float = 4.0, dislike_threshold: float = 2.0,
                  dislike_never_engaged: bool = False, prompts_per_user: int = 1,
                  max_prompts: int | None = None, min_history: int = 1,
-                 num_negatives: int = 20, **kwargs) -> None:
+                 num_negatives: int = 20, bucket_levels: int | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if dislike_threshold >= like_threshold:
             raise ValueError(f"dislike_threshold ({dislike_threshold}) must be below "
@@ -166,6 +171,7 @@ class PreferenceDataModule(SFTDataModule):
         self.max_prompts = max_prompts
         self.min_history = min_history
         self.num_negatives = num_negatives
+        self.bucket_levels = bucket_levels
         self.pairs: PreferencePairs | None = None
         self._interacted: list[set[int]] | None = None
 
@@ -202,6 +208,15 @@ class PreferenceDataModule(SFTDataModule):
                 seen.add(item)
                 out.append(int(item))
         return out
+
+    def compared_levels(self) -> int:
+        """Code levels the difficulty buckets compare (see ``bucket_levels``)."""
+        self.setup()
+        levels = self.scid_map.item_levels
+        if self.bucket_levels is not None:
+            return max(1, min(int(self.bucket_levels), levels))
+        stats = (self.scid_map.meta or {}).get("statistics", {}).get("items", {})
+        return levels - 1 if stats.get("appended_level") and levels > 1 else levels
 
     # -- prompts ------------------------------------------------------------------------------
     def sample_specs(self, epoch: int, kind: str) -> list[PromptSpec]:
@@ -285,8 +300,8 @@ class PreferenceDataModule(SFTDataModule):
             if kind in FEEDBACK_KINDS:
                 negatives = self._feedback_negatives(specs, kind, candidates, forbidden)
             else:
-                buckets = bucket_candidates(candidates, chosen, self.scid_map.item_codes,
-                                            forbidden)
+                codes = self.scid_map.item_codes[:, :self.compared_levels()]
+                buckets = bucket_candidates(candidates, chosen, codes, forbidden)
                 for name in BUCKETS:
                     stats[f"candidates_{name}"] = int(sum(len(r) for r in buckets[name]))
                 if kind == "beam":

@@ -261,3 +261,24 @@ def test_reference_swap_with_a_lora_policy(tmp_path):
     assert model.begin_stage(0) is False              # same stage: reference kept
     assert model.begin_stage(1) is True               # next stage: reference = moved policy
     torch.testing.assert_close(model.reference_logps(prompts, items), moved)
+
+
+def test_buckets_ignore_an_appended_dedup_level(run_dir):
+    dm, _ = _connected(run_dir)
+    assert dm.compared_levels() == dm.scid_map.item_levels == 3
+    meta = dm.scid_map.meta
+    try:
+        dm.scid_map.meta = {"statistics": {"items": {"appended_level": True}}}
+        assert dm.compared_levels() == 2
+        dm.bucket_levels = 1
+        assert dm.compared_levels() == 1
+        # the chosen item's own first-level code makes a candidate "medium" at 1 level
+        specs = dm.sample_specs(0, "medium")[:5]
+        codes = dm.scid_map.item_codes
+        same_first = [[i for i in range(codes.shape[0]) if codes[i, 0] == codes[s.chosen, 0]
+                       and i not in dm.interacted(s.row)][:3] for s in specs]
+        cands = torch.tensor([row + [-1] * (3 - len(row)) for row in same_first])
+        pairs = dm.build_pairs(specs, "medium", cands)
+        assert [r[2] for r in pairs.as_records()] == [row for row in same_first if row]
+    finally:
+        dm.scid_map.meta, dm.bucket_levels = meta, None
