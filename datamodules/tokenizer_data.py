@@ -1,0 +1,225 @@
+"""Data of the tokenizer stage: per-entity SC input features and U2I training pairs.
+
+Per entity (item or user) the input vector is the concatenation of
+
+- a semantic block: the frozen text encoder over the item's text fields / the user's profile
+  fields (a user without a profile gets the mean of its training items' text vectors);
+- a collaborative block: the sasrec stage's embeddings (``<run_dir>/sasrec/item_embeddings.pt``,
+  ``user_embeddings.pt``).
+
+Each block is L2-normalised per row, so text and behaviour weigh the same in the reconstruction
+whatever their widths and scales. ``features`` picks the blocks (the ablation switch); a dataset
+without item text runs collaborative-only.
+
+Training batches are (user, positive item) pairs from the training split only, each with
+``num_negatives`` items sampled uniformly among those the user has no training interaction with.
+The validation loader yields one batch holding every entity id, so the model can report codebook
+utilization and collisions over the whole catalogue cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from datamodules.base import RecDataModule
+from datamodules.schema import DataError
+from lightning_modules.components.artifacts import read_stage, stage_dir
+from lightning_modules.components.text_encoder import TextEncoder
+
+log = logging.getLogger(__name__)
+
+SASREC_STAGE = "sasrec"
+
+
+def load_collaborative_embeddings(run_dir: str, dataset: str, num_items: int,
+                                  num_users: int) -> tuple[Tensor, Tensor, dict]:
+    """Item ``[num_items, d]`` and user ``[num_users, d]`` embeddings of the sasrec stage.
+
+    Raises:
+        FileNotFoundError: the sasrec stage has not finished in ``run_dir``.
+        ValueError: its artifacts belong to another dataset or catalogue.
+    """
+    info = read_stage(run_dir, SASREC_STAGE)
+    folder = stage_dir(run_dir, SASREC_STAGE)
+    marker = folder / "stage.json"
+    if info.get("dataset") not in (None, dataset):
+        raise ValueError(f"{marker}: sasrec was trained on dataset {info.get('dataset')!r}, "
+                         f"but the tokenizer runs on {dataset!r}; rerun the 'sasrec' stage")
+    for key, expected in (("num_items", num_items), ("num_users", num_users)):
+        if key in info and int(info[key]) != expected:
+            raise ValueError(f"{marker}: {key}={info[key]} but the dataset has {expected}; "
+                             "rerun the 'sasrec' stage on the same data (same max_users/kcore)")
+    tensors = []
+    for name, rows in (("item_embeddings.pt", num_items), ("user_embeddings.pt", num_users)):
+        path = folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing although {marker} exists; rerun the "
+                                    "'sasrec' stage")
+        emb = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(emb, Tensor) or emb.dim() != 2 or emb.shape[0] != rows:
+            shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+            raise ValueError(f"{path}: expected a float tensor [{rows}, d], got {shape}")
+        tensors.append(emb.float())
+    if tensors[0].shape[1] != tensors[1].shape[1]:
+        raise ValueError(f"{folder}: item and user embeddings differ in width "
+                         f"({tensors[0].shape[1]} vs {tensors[1].shape[1]})")
+    return tensors[0], tensors[1], info
+
+
+class TokenizerDataModule(RecDataModule):
+    """Inputs and U2I pairs of the tokenizer stage (see the module docstring).
+
+    Args:
+        features: input blocks: ``both`` (semantic + collaborative), ``semantic`` or
+            ``collaborative``. ``both`` falls back to collaborative-only when the dataset has
+            no item text.
+        text_encoder: the frozen sentence encoder (None = bundled all-MiniLM-L6-v2).
+        item_text_fields: item fields that make the item text (None = all, in source order).
+        user_text_fields: user profile fields that make the user text (None = all).
+        num_negatives: negatives per (user, positive) pair for the U2I loss (paper: 60).
+        batch_size: (user, positive) pairs per training batch.
+        **kwargs: :class:`~datamodules.base.RecDataModule` arguments (``dataset``,
+            ``max_users``, ``run_dir``, ``cache_dir``, ``seed``, ...).
+    """
+
+    def __init__(self, features: Literal["both", "semantic", "collaborative"] = "both",
+                 text_encoder: TextEncoder | None = None,
+                 item_text_fields: list[str] | None = None,
+                 user_text_fields: list[str] | None = None, num_negatives: int = 60,
+                 batch_size: int = 1024, **kwargs) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
+        if features not in ("both", "semantic", "collaborative"):
+            raise ValueError(f"features must be both|semantic|collaborative, got {features!r}")
+        self.features = features
+        self.text_encoder = text_encoder
+        self.item_text_fields = item_text_fields
+        self.user_text_fields = user_text_fields
+        self.num_negatives = num_negatives
+        self.item_x: Tensor | None = None   # [num_items, D]
+        self.user_x: Tensor | None = None   # [num_users, D]
+        self.info: dict = {}
+
+    # -- features ---------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+        if self.item_x is not None:
+            return
+        data, split = self.dataset, self.split
+        blocks_items, blocks_users, used = [], [], []
+        if self.features in ("both", "semantic"):
+            if data.item_features is None:
+                if self.features == "semantic":
+                    raise DataError(f"{data.name}: features='semantic' but the dataset has no "
+                                    "item text; use features='collaborative'")
+                log.warning("%s: no item text; tokenizing from collaborative features only",
+                            data.name)
+            else:
+                sem_items, sem_users = self._semantic()
+                blocks_items.append(sem_items)
+                blocks_users.append(sem_users)
+                used.append("semantic")
+        if self.features in ("both", "collaborative"):
+            if self.run_dir is None:
+                raise ValueError("the tokenizer's collaborative features come from the 'sasrec' "
+                                 "stage: set data.init_args.run_dir (or features='semantic')")
+            items, users, sasrec_info = load_collaborative_embeddings(
+                self.run_dir, data.name, data.num_items, data.num_users)
+            blocks_items.append(items)
+            blocks_users.append(users)
+            used.append("collaborative")
+            self.info["sasrec_fingerprint"] = sasrec_info.get("fingerprint", "")
+        # Zero rows (users without training items) stay zero under F.normalize.
+        self.item_x = torch.cat([F.normalize(b, dim=1) for b in blocks_items], dim=1)
+        self.user_x = torch.cat([F.normalize(b, dim=1) for b in blocks_users], dim=1)
+
+        pair_users = np.concatenate([np.full(len(items), user) for user, items
+                                     in zip(split.users, split.train_items)]).astype(np.int64)
+        pair_items = np.concatenate(split.train_items).astype(np.int64)
+        self.pair_users = torch.from_numpy(pair_users)
+        self.pair_items = torch.from_numpy(pair_items)
+        # Sorted user*num_items+item keys: O(log P) membership tests for negative sampling.
+        self.positive_keys = torch.unique(self.pair_users * data.num_items + self.pair_items)
+        self.info.update(dataset=data.name, num_items=data.num_items, num_users=data.num_users,
+                         train_pairs=len(pair_items), features=used,
+                         item_text_fields=self.item_text_fields,
+                         user_text_fields=self.user_text_fields,
+                         text_encoder=self._encoder().name if "semantic" in used else None,
+                         max_users=self.max_users, kcore=self.kcore)
+        log.info("tokenizer inputs: items %s, users %s, features %s, %d training pairs",
+                 tuple(self.item_x.shape), tuple(self.user_x.shape), used, len(pair_items))
+
+    def _encoder(self) -> TextEncoder:
+        if self.text_encoder is None:
+            cache = None if self.cache_dir is None else f"{self.cache_dir}/text_embeddings"
+            self.text_encoder = TextEncoder(cache_dir=cache)
+        return self.text_encoder
+
+    def _semantic(self) -> tuple[Tensor, Tensor]:
+        """Text embeddings ``[num_items, E]`` and ``[num_users, E]``."""
+        data, split = self.dataset, self.split
+        encoder = self._encoder()
+        items = encoder.encode([data.item_text(i, self.item_text_fields)
+                                for i in range(data.num_items)], desc="item texts")
+        if data.user_features is not None:
+            users = encoder.encode([data.user_text(u, self.user_text_fields)
+                                    for u in range(data.num_users)], desc="user profiles")
+        else:
+            # No profiles: a user reads like the mean of the texts of its training items.
+            users = torch.zeros(data.num_users, items.shape[1])
+            for user, hist in zip(split.users, split.train_items):
+                if len(hist):
+                    users[user] = items[torch.as_tensor(hist)].mean(0)
+        return items, users
+
+    def tokenizer_inputs(self) -> dict:
+        """What :class:`~lightning_modules.dual_tokenizer.DualTokenizer` needs from the data."""
+        self.setup()
+        return {"item_x": self.item_x, "user_x": self.user_x, "data_info": dict(self.info)}
+
+    # -- loaders ----------------------------------------------------------------------------
+    def sample_negatives(self, users: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, N]`` uniform negatives for ``users`` ``[B]`` and a ``[B, N]`` validity mask
+        (False where a sample is still one of the user's training positives after resampling;
+        only users who interacted with almost the whole catalogue get any)."""
+        num_items = self.dataset.num_items
+        negatives = torch.randint(0, num_items, (len(users), self.num_negatives))
+        hit = self._is_positive(users[:, None].expand_as(negatives), negatives)
+        for _ in range(5):  # resample only the hits (a few percent of the samples)
+            rows, cols = torch.nonzero(hit, as_tuple=True)
+            if len(rows) == 0:
+                break
+            fresh = torch.randint(0, num_items, (len(rows),))
+            negatives[rows, cols] = fresh
+            hit[rows, cols] = self._is_positive(users[rows], fresh)
+        return negatives, ~hit
+
+    def _is_positive(self, users: Tensor, items: Tensor) -> Tensor:
+        """Elementwise: is ``items`` a training positive of ``users`` (same shapes)?"""
+        keys = users * self.dataset.num_items + items
+        pos = torch.searchsorted(self.positive_keys, keys).clamp_max(len(self.positive_keys) - 1)
+        return self.positive_keys[pos] == keys
+
+    def _collate(self, rows: list[int]) -> dict[str, Tensor]:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        users = self.pair_users[idx]
+        negatives, mask = self.sample_negatives(users)
+        return {"users": users, "positives": self.pair_items[idx], "negatives": negatives,
+                "negative_mask": mask}
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(range(len(self.pair_items)), batch_size=self.batch_size, shuffle=True,
+                          collate_fn=self._collate, num_workers=self.num_workers, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        everything = {"items": torch.arange(self.dataset.num_items),
+                      "users": torch.arange(self.dataset.num_users)}
+        return DataLoader([everything], batch_size=None)
