@@ -4,9 +4,14 @@ beam-search users/s, per backbone size and seqrec form. Prints a table.
     python bench/bench_sft.py                       # tiny default model, both seqrec forms
     python bench/bench_sft.py --threads 2 --steps 30 --sizes 64x2 128x4 256x4
     python bench/bench_sft.py --scid-dir runs/ml100k/tokenizer   # codes of a real tokenizer run
+    python bench/bench_sft.py --write-cooc-scid runs/dev/tokenizer   # write a stand-in map, exit
 
 Without ``--scid-dir`` a random SCID map (3 levels x 32 codes, users too) stands in: speed
 depends on the number of code levels and the vocabulary, not on what the codes mean.
+``--write-cooc-scid`` writes a collaborative-only stand-in for the tokenizer stage (residual
+k-means over item co-occurrence SVD vectors of the training split, users = mean of their
+items, a last level that de-duplicates): the map the SFT quality numbers in the stage report
+were measured with while the tokenizer stage was being written.
 ``s/epoch`` extrapolates the measured rate to the examples of one epoch with the default
 task weights of ``configs/ml100k/sft.yaml``.
 """
@@ -46,6 +51,60 @@ def random_scid(num_items: int, num_users: int, sizes=(32, 32, 32), seed: int = 
         return torch.tensor(np.stack(np.unravel_index(flat, sizes), axis=1))
 
     return SCIDMap(codes(num_items), list(sizes), codes(num_users), list(sizes))
+
+
+def _kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centers = x[torch.randperm(len(x), generator=g)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, centers).argmin(1)
+        for j in range(k):
+            members = assign == j
+            # An empty cluster restarts at a random point instead of dying.
+            centers[j] = x[members].mean(0) if members.any() else x[torch.randint(
+                len(x), (1,), generator=g)][0]
+    return torch.cdist(x, centers).argmin(1), centers
+
+
+def _residual_codes(x: torch.Tensor, sizes) -> tuple[torch.Tensor, int]:
+    """Residual k-means codes ``[N, len(sizes) + 1]``; the last level numbers duplicates."""
+    codes, residual = [], x.clone()
+    for size in sizes:
+        assign, centers = _kmeans(residual, size)
+        codes.append(assign)
+        residual = residual - centers[assign]
+    codes = torch.stack(codes, 1)
+    _, inverse = torch.unique(codes, dim=0, return_inverse=True)
+    dedup, seen = torch.zeros(len(x), dtype=torch.long), {}
+    for i, group in enumerate(inverse.tolist()):
+        dedup[i] = seen.get(group, 0)
+        seen[group] = int(dedup[i]) + 1
+    return torch.cat([codes, dedup[:, None]], 1), int(dedup.max()) + 1
+
+
+def cooccurrence_scid(sizes=(32, 32, 32), dim: int = 32) -> SCIDMap:
+    """Collaborative-only SCID map of ML-100K from the training split (no held-out item used)."""
+    from datamodules.sources import load_dataset
+    from datamodules.split import leave_one_out
+
+    data = load_dataset("ml-100k")
+    split = leave_one_out(data)
+    m = np.zeros((len(split.users), data.num_items), np.float32)  # user x item, training only
+    for r, items in enumerate(split.train_items):
+        m[r, items] = 1
+    co = m.T @ m
+    np.fill_diagonal(co, 0)
+    co = co / (np.sqrt(co.sum(1, keepdims=True) + 1) * np.sqrt(co.sum(0, keepdims=True) + 1))
+    u, s, _ = np.linalg.svd(co)
+    items = torch.tensor(u[:, :dim] * np.sqrt(s[:dim]), dtype=torch.float32)
+    items = items / (items.norm(dim=1, keepdim=True) + 1e-8)
+    users = torch.zeros(data.num_users, dim)
+    users[torch.as_tensor(split.users)] = torch.tensor(m) @ items
+    users = users / (users.norm(dim=1, keepdim=True) + 1e-8)
+    item_codes, item_dedup = _residual_codes(items, sizes)
+    user_codes, user_dedup = _residual_codes(users, sizes)
+    return SCIDMap(item_codes, list(sizes) + [item_dedup], user_codes,
+                   list(sizes) + [user_dedup], meta={"source": "bench_sft cooccurrence"})
 
 
 def bench_one(scid_dir: str, size: str, mode: str, args) -> dict:
@@ -104,7 +163,13 @@ def main() -> None:
     ap.add_argument("--eval-users", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--scid-dir", default=None, help="tokenizer folder with scid_map.json")
+    ap.add_argument("--write-cooc-scid", default=None, metavar="DIR",
+                    help="write the co-occurrence stand-in SCID map into DIR and exit")
     args = ap.parse_args()
+    if args.write_cooc_scid:
+        scid = cooccurrence_scid()
+        print(scid.save(args.write_cooc_scid), scid.statistics())
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
