@@ -29,6 +29,7 @@ the training step runs the policy only.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -97,21 +98,98 @@ def default_stages() -> list[PreferenceStage]:
             ("sp_easy", "sp_medium", "sp_hard", "rf_dislike", "rf_neutral")]
 
 
-def score_responses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    response_tokens: torch.Tensor) -> torch.Tensor:
-    """Summed log-probabilities of ``M`` fixed-length responses per prompt.
+def _forward_params(model) -> set[str]:
+    """Parameter names of the underlying causal LM's ``forward`` (peft unwrapped)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return set(inspect.signature(base.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
 
-    The prompt is encoded once and its KV cache repeated to the responses, so scoring 1 chosen
-    + N rejected items costs one prompt pass plus ``(N + 1) x (L - 1)`` response tokens rather
-    than ``N + 1`` full passes. Differentiable (gradients flow through the cache).
+
+def _attn_implementation(model) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def score_responses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_tokens: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Summed log-probabilities of ``M`` fixed-length responses per prompt (differentiable).
+
+    Scoring 1 chosen + N rejected items after one prompt must not cost N + 1 prompt passes:
+
+    * ``packed`` (default for sdpa/eager attention): ONE sequence per prompt, the prompt
+      followed by the first ``L - 1`` tokens of every response, with a 4-D attention mask in
+      which each response sees the prompt and its own earlier tokens only, and positions that
+      restart after the prompt for every response. No KV-cache copies, one forward/backward.
+    * ``cache`` (any attention, e.g. flash-attention without 4-D masks): encode the prompt,
+      repeat its KV cache to the ``M`` responses, run the ``L - 1`` response steps.
+
+    Both give the scores of separate ``prompt + response`` passes (see the tests).
 
     Args:
-        model: HF causal LM (or a peft model) taking ``cache``/``use_cache``.
+        model: HF causal LM (or a peft model around one).
         input_ids: ``[B, P]`` left-padded prompts; attention_mask: ``[B, P]``.
         response_tokens: ``[B, M, L]`` vocabulary ids of the responses (item SCIDs).
+        method: ``auto``, ``packed`` or ``cache``.
     Returns:
         ``FloatTensor [B, M]``: sum over the ``L`` tokens of ``log_softmax`` over the full
         vocabulary (float32), the quantity beam search ranks by.
+    """
+    impl = _attn_implementation(model)
+    if method == "auto":
+        method = "packed" if impl in ("sdpa", "eager") else "cache"
+    if method == "packed" and response_tokens.shape[2] > 1:
+        return _score_packed(model, input_ids, attention_mask, response_tokens, impl)
+    if method not in ("packed", "cache"):
+        raise ValueError(f"method must be auto, packed or cache, got {method!r}")
+    return _score_cached(model, input_ids, attention_mask, response_tokens)
+
+
+def _score_packed(model, input_ids, attention_mask, response_tokens, impl: str) -> torch.Tensor:
+    batch, prompt_len = input_ids.shape
+    _, num_resp, length = response_tokens.shape
+    device = input_ids.device
+    steps = length - 1
+    width = num_resp * steps
+    attention_mask = attention_mask.long()
+    prompt_pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)                   # [B, P]
+    step = torch.arange(steps, device=device).repeat(num_resp)                   # [R]
+    owner = torch.arange(num_resp, device=device).repeat_interleave(steps)       # [R]
+    ids = torch.cat([input_ids, response_tokens[:, :, :-1].reshape(batch, width)], dim=1)
+    pos = torch.cat([prompt_pos, prompt_pos[:, -1:] + 1 + step], dim=1)          # [B, P + R]
+    total = prompt_len + width
+    allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
+    allowed[:prompt_len, :prompt_len] = torch.ones(prompt_len, prompt_len, dtype=torch.bool,
+                                                   device=device).tril()
+    allowed[prompt_len:, :prompt_len] = True
+    allowed[prompt_len:, prompt_len:] = (owner[:, None] == owner[None, :]) & \
+        (step[None, :] <= step[:, None])
+    keys = torch.cat([attention_mask.bool(), attention_mask.new_ones(batch, width).bool()], 1)
+    mask = allowed.unsqueeze(0) & keys.unsqueeze(1)                              # [B, T, T]
+    # Left-padding query rows would see no key at all (NaN in softmax): let them see themselves.
+    mask |= torch.eye(total, dtype=torch.bool, device=device).unsqueeze(0)
+    mask = mask.unsqueeze(1)                                                     # [B, 1, T, T]
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
+            ~mask, torch.finfo(dtype).min)
+    kwargs = {}
+    if "logits_to_keep" in _forward_params(model):
+        kwargs["logits_to_keep"] = 1 + width  # the LM head only where a response token is read
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                   use_cache=False, return_dict=True, **kwargs).logits
+    logp = torch.log_softmax(logits[:, -(1 + width):].float(), dim=-1)          # [B, 1 + R, V]
+    first = logp[:, 0].gather(1, response_tokens[:, :, 0])                       # [B, M]
+    rest = logp[:, 1:].gather(2, response_tokens[:, :, 1:].reshape(batch, width, 1))
+    return first + rest.view(batch, num_resp, steps).sum(2)
+
+
+def _score_cached(model, input_ids, attention_mask, response_tokens) -> torch.Tensor:
+    """KV-cache form of :func:`score_responses`.
+
+    The prompt is encoded once and its KV cache repeated to the responses; gradients flow
+    through the cache.
     """
     batch, num_resp, length = response_tokens.shape
     attention_mask = attention_mask.long()
@@ -153,6 +231,9 @@ class PreferenceAligner(L.LightningModule):
             run from the previous policy, as in the paper).
         disable_dropout: switch dropout off in the policy, so policy and reference log-probs
             are computed by the same function.
+        sft_weight: weight of an extra negative log-likelihood term on the chosen item (per
+            token), which keeps the chosen item's probability from sinking along with the
+            rejected ones (as in RPO); 0 = the paper's pure preference loss.
         num_beams, ks, exclude_history: evaluation protocol (as in the SFT stage).
     """
 
@@ -162,7 +243,7 @@ class PreferenceAligner(L.LightningModule):
                  stages: list[PreferenceStage] | None = None, loss: nn.Module | None = None,
                  weight_decay: float = 0.0, warmup_ratio: float = 0.05,
                  min_lr_ratio: float = 0.0, reset_optimizer: bool = True,
-                 disable_dropout: bool = True, num_beams: int = 20,
+                 disable_dropout: bool = True, sft_weight: float = 0.0, num_beams: int = 20,
                  ks: list[int] | None = None, exclude_history: bool = True) -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
@@ -182,6 +263,7 @@ class PreferenceAligner(L.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.reset_optimizer = reset_optimizer
         self.disable_dropout = disable_dropout
+        self.sft_weight = sft_weight
         self.num_beams = num_beams
         self.ks = ks
         self.exclude_history = exclude_history
@@ -418,7 +500,14 @@ class PreferenceAligner(L.LightningModule):
         losses, chosen_rewards, rejected_rewards = self.loss_fn(
             logps[:, 0], logps[:, 1:], batch["ref_chosen"].to(logps),
             batch["ref_rejected"].to(logps), rejected_mask=mask)
-        return losses.mean(), reward_statistics(chosen_rewards, rejected_rewards, mask)
+        stats = reward_statistics(chosen_rewards, rejected_rewards, mask)
+        loss = losses.mean()
+        # Per-token NLL of the chosen item (its log-prob is a sum over the SCID tokens).
+        nll = -logps[:, 0].mean() / self.policy.item_tokens.shape[1]
+        stats["chosen_nll"] = nll.detach()
+        if self.sft_weight > 0:
+            loss = loss + self.sft_weight * nll
+        return loss, stats
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         stage = self.stage_at(self.current_epoch)
