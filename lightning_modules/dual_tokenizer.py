@@ -179,13 +179,15 @@ class DualTokenizer(L.LightningModule):
         return torch.cat([self.fuse(s) for s in sides])
 
     @torch.no_grad()
-    def initialize_quantizers(self, refit: bool = False) -> None:
-        """k-means initialisation on all fused entity vectors; ``refit`` also refits quantizers
-        that have no gradient training (residual k-means follows the fusion as it changes)."""
+    def initialize_quantizers(self, force: bool = False, refit: bool = False) -> None:
+        """k-means initialisation on all fused entity vectors, for quantizers that ask for it
+        (``force``: for every uninitialised one, warm-up or not); ``refit`` also refits
+        quantizers without gradient training (residual k-means follows the fusion as it moves)."""
         was_training = self.training
         self.eval()
         for quantizer in self.quantizers.values():
-            if not quantizer.initialized or (refit and not quantizer.trainable):
+            if quantizer.needs_initialization or (force and not quantizer.initialized) or \
+                    (refit and not quantizer.trainable):
                 quantizer.initialize(self._fit_data(quantizer))
         self.train(was_training)
 
@@ -271,7 +273,7 @@ class DualTokenizer(L.LightningModule):
         if not hasattr(self, "item_x"):
             raise RuntimeError("no entity inputs attached: fit with a TokenizerDataModule or "
                                "call attach_data(...) before export_artifacts()")
-        self.initialize_quantizers(refit=True)
+        self.initialize_quantizers(force=True, refit=True)
         was_training = self.training
         self.eval()
         resolved, stats, metrics = {}, {}, {}

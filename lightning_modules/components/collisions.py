@@ -7,7 +7,7 @@ Two methods, usable alone or chained (``sinkhorn+dedup``):
   codes by a Sinkhorn-balanced transport plan on their residual distances (entropic OT with a tiny
   ``eps``, as LC-Rec/LETTER do), rounded greedily to a one-to-one assignment. This keeps IDs at
   ``L`` tokens and every token meaningful. It fails only where a prefix group has more members
-  than the last codebook has codes.
+  than the last codebook has codes; such a group is spread evenly over the codes.
 - ``dedup``: append one level whose code is the entity's rank (by id) among the entities that
   share its full ID (TIGER style); always succeeds, costs one token.
 
@@ -52,23 +52,51 @@ class Resolution:
                 "reassigned": self.reassigned, "appended_level": self.appended_level}
 
 
-def sinkhorn(cost: Tensor, eps: float = 0.003, iterations: int = 100) -> Tensor:
-    """Entropic optimal transport plan ``[n, m]`` for ``cost`` ``[n, m]`` with uniform marginals
-    (each row carries ``1/n``, each column receives ``1/m``), computed in the log domain so a tiny
-    ``eps`` does not underflow. ``cost`` is rescaled to ``[0, 1]`` first, which makes ``eps``
-    independent of the distance scale."""
+def sinkhorn(cost: Tensor, eps: float = 0.003, iterations: int = 100,
+             row_marginal: Tensor | None = None, col_marginal: Tensor | None = None) -> Tensor:
+    """Entropic optimal transport plan ``[n, m]`` for ``cost`` ``[n, m]``, computed in the log
+    domain so a tiny ``eps`` does not underflow.
+
+    Marginals default to uniform (each row carries ``1/n``, each column receives ``1/m``); both
+    must sum to 1. ``cost`` is rescaled to ``[0, 1]`` first, which makes ``eps`` independent of
+    the distance scale.
+    """
     cost = cost.double()
     cost = (cost - cost.min()) / (cost.max() - cost.min()).clamp_min(1e-12)
     n, m = cost.shape
+    log_a = (torch.full((n,), 1.0 / n, dtype=torch.float64) if row_marginal is None
+             else row_marginal.double()).log()
+    log_b = (torch.full((m,), 1.0 / m, dtype=torch.float64) if col_marginal is None
+             else col_marginal.double()).log()
     log_k = -cost / eps
-    log_a = torch.full((n,), -torch.log(torch.tensor(float(n), dtype=torch.float64)))
-    log_b = torch.full((m,), -torch.log(torch.tensor(float(m), dtype=torch.float64)))
     u = torch.zeros(n, dtype=torch.float64)
     v = torch.zeros(m, dtype=torch.float64)
     for _ in range(iterations):
         u = log_a - torch.logsumexp(log_k + v[None, :], dim=1)
         v = log_b - torch.logsumexp(log_k + u[:, None], dim=0)
     return torch.exp(log_k + u[:, None] + v[None, :])
+
+
+def assignment_plan(cost: Tensor, eps: float = 0.003, iterations: int = 100) -> Tensor:
+    """Sinkhorn plan ``[n, m]`` for moving ``n`` entities onto ``m`` codes of capacity one.
+
+    Balanced OT with uniform marginals would force every entity to spread over ``m / n`` codes
+    (with one entity: uniformly, whatever the costs). A zero-cost dummy row (``n < m``) or column
+    (``n > m``) absorbs the excess, so each code takes at most one entity and the entities go
+    where they fit best; the real part of the plan is returned.
+    """
+    n, m = cost.shape
+    cost = (cost.double() - cost.min()) / (cost.max() - cost.min()).clamp_min(1e-12)
+    rows, cols = torch.ones(n, dtype=torch.float64), torch.ones(m, dtype=torch.float64)
+    if n < m:
+        cost = torch.cat([cost, cost.new_zeros(1, m)])
+        rows = torch.cat([rows, rows.new_tensor([m - n])])
+    elif n > m:
+        cost = torch.cat([cost, cost.new_zeros(n, 1)], dim=1)
+        cols = torch.cat([cols, cols.new_tensor([n - m])])
+    total = float(max(n, m))
+    plan = sinkhorn(cost, eps, iterations, rows / total, cols / total)
+    return plan[:n, :m]
 
 
 def _greedy_round(plan: Tensor) -> list[tuple[int, int]]:
@@ -98,7 +126,8 @@ def reassign_last_level(codes: Tensor, last_distances: Tensor, eps: float = 0.00
     Returns:
         the new codes ``[N, L]`` and the number of entities whose code changed.
     """
-    codes = codes.clone().cpu()
+    original = codes.cpu()
+    codes = original.clone()
     last_distances = last_distances.cpu()
     n, num_levels = codes.shape
     num_codes = last_distances.shape[1]
@@ -111,7 +140,6 @@ def reassign_last_level(codes: Tensor, last_distances: Tensor, eps: float = 0.00
         _, prefix_inv = torch.unique(codes[:, :-1], dim=0, return_inverse=True)
     else:
         prefix_inv = torch.zeros(n, dtype=torch.long)
-    changed = 0
     for group in torch.unique(prefix_inv[colliding]).tolist():
         members = torch.nonzero(prefix_inv == group).flatten()
         last = codes[members, -1]
@@ -122,15 +150,19 @@ def reassign_last_level(codes: Tensor, last_distances: Tensor, eps: float = 0.00
         first = torch.ones(len(members), dtype=torch.bool)
         first[1:] = last[order][1:] != last[order][:-1]
         movers = members[order[~first]]
-        used = torch.zeros(num_codes, dtype=torch.bool)
-        used[last] = True
-        free = torch.nonzero(~used).flatten()
-        if len(free) == 0:
-            continue
-        plan = sinkhorn(last_distances[movers][:, free], eps=eps, iterations=iterations)
-        for r, c in _greedy_round(plan):
-            codes[movers[r], -1] = free[c]
-            changed += 1
+        load = torch.bincount(last[order[first]], minlength=num_codes)
+        # Fill the least-loaded codes first; a group larger than the codebook then ends up
+        # spread evenly (at most ceil(n / K) per code), which keeps a de-dup level small.
+        while len(movers):
+            free = torch.nonzero(load == load.min()).flatten()
+            plan = assignment_plan(last_distances[movers][:, free], eps, iterations)
+            placed = torch.zeros(len(movers), dtype=torch.bool)
+            for r, c in _greedy_round(plan):
+                codes[movers[r], -1] = free[c]
+                load[free[c]] += 1
+                placed[r] = True
+            movers = movers[~placed]
+    changed = int((codes != original).any(1).sum())
     return codes, changed
 
 

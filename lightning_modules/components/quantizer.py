@@ -218,6 +218,11 @@ class Quantizer(nn.Module):
     def initialized(self) -> bool:
         raise NotImplementedError
 
+    @property
+    def needs_initialization(self) -> bool:
+        """Whether the trainer should call :meth:`initialize` now (a warm-up may delay it)."""
+        return not self.initialized
+
     def initialize(self, x: Tensor) -> None:
         """Data-dependent initialisation on all vectors ``[N, input_dim]`` (k-means)."""
         raise NotImplementedError

@@ -8,9 +8,10 @@ Loss per batch (all squared errors summed over dimensions, averaged over the bat
     loss       = recon + codebook + beta * commitment + diversity_weight * diversity
 
 ``h`` is the encoder output, ``r_l`` the residual entering level ``l`` and ``c_l`` its nearest
-codeword. Codebooks start from faiss k-means of the encoded data (:meth:`RQVAE.initialize`), and
-codewords unused for ``dead_code_steps`` training steps are moved onto random current residuals,
-which keeps codebook utilization high on small catalogues.
+codeword. Codebooks start from faiss k-means of the encoded data (:meth:`RQVAE.initialize`)
+after ``warmup_steps`` steps as a plain autoencoder, and codewords unused for
+``dead_code_steps`` training steps are moved onto random current residuals; both keep codebook
+utilization high on small catalogues.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class RQVAE(Quantizer):
         ema_decay: 0 = codebooks learn from the codebook loss (the paper); > 0 = codebooks are
             exponential moving averages of their assigned residuals (online k-means, VQ-VAE-2
             style), which follows a fast-moving encoder more closely.
+        warmup_steps: training steps as a plain autoencoder (no codebooks) before the k-means
+            initialisation (0 = initialise at once).
         seed: seed of the k-means initialisation.
     """
 
@@ -69,7 +72,7 @@ class RQVAE(Quantizer):
                  hidden_dims: list[int] | None = None, commitment: float = 0.25,
                  diversity_weight: float = 0.0, dead_code_steps: int = 20,
                  kmeans_iters: int = 20, dropout: float = 0.0, ema_decay: float = 0.0,
-                 seed: int = 0) -> None:
+                 warmup_steps: int = 50, seed: int = 0) -> None:
         super().__init__(input_dim, output_dim, codebook_sizes)
         hidden = list(hidden_dims if hidden_dims is not None else [128, 64])
         self.encoder = mlp([input_dim, *hidden, code_dim], dropout)
@@ -82,7 +85,10 @@ class RQVAE(Quantizer):
         self.diversity_weight = diversity_weight
         self.dead_code_steps = dead_code_steps
         self.kmeans_iters = kmeans_iters
+        self.warmup_steps = warmup_steps
         self.seed = seed
+        # Autoencoder steps taken before the codebooks exist (in checkpoints, so resumes agree).
+        self.register_buffer("warmup_progress", torch.tensor(0))
         # Usage since the last dead-code check; not part of the checkpoint.
         for level, k in enumerate(self.codebook_sizes):
             self.register_buffer(f"_usage_{level}", torch.zeros(k), persistent=False)
@@ -90,11 +96,15 @@ class RQVAE(Quantizer):
         self.config.update(code_dim=code_dim, hidden_dims=hidden, commitment=commitment,
                            diversity_weight=diversity_weight, dead_code_steps=dead_code_steps,
                            kmeans_iters=kmeans_iters, dropout=dropout, ema_decay=ema_decay,
-                           seed=seed)
+                           warmup_steps=warmup_steps, seed=seed)
 
     @property
     def initialized(self) -> bool:
         return bool(self.codebooks.initialized)
+
+    @property
+    def needs_initialization(self) -> bool:
+        return not self.initialized and int(self.warmup_progress) >= self.warmup_steps
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -107,6 +117,8 @@ class RQVAE(Quantizer):
     def forward(self, x: Tensor, target: Tensor | None = None) -> QuantizerOutput:
         target = x if target is None else target
         h = self.encoder(x)
+        if not self.initialized and self.training and int(self.warmup_progress) < self.warmup_steps:
+            return self._autoencoder_step(h, target)
         if not self.initialized:
             # Fallback when nobody initialised on all data: k-means on the first batch.
             self.codebooks.kmeans_init(h.detach(), niter=self.kmeans_iters, seed=self.seed)
@@ -129,6 +141,19 @@ class RQVAE(Quantizer):
                 self.codebooks.ema_update(codes, residuals.detach(), self.ema_decay)
             self._track_usage(codes, residuals)
         return QuantizerOutput(reconstruction, codes, loss, losses)
+
+    def _autoencoder_step(self, h: Tensor, target: Tensor) -> QuantizerOutput:
+        """Warm-up: train encoder and decoder without codebooks (codes are all 0 meanwhile).
+
+        A random decoder sends large gradients into the encoder; codebooks fitted before that
+        settles are left behind within a few steps (most codes empty). Fitting them after a short
+        warm-up keeps the k-means initialisation meaningful.
+        """
+        self.warmup_progress += 1
+        reconstruction = self.decoder(h)
+        recon = (reconstruction - target).pow(2).sum(-1).mean()
+        codes = torch.zeros(len(h), self.num_levels, dtype=torch.long, device=h.device)
+        return QuantizerOutput(reconstruction, codes, recon, {"recon": recon.detach()})
 
     def _diversity(self, residuals: Tensor) -> Tensor:
         """Mean over levels of ``1 - H(batch-mean soft assignment) / log K`` (0 = uniform)."""
