@@ -145,6 +145,8 @@ class PreferenceDataModule(SFTDataModule):
             is the expensive part; one per user gives ``num_users`` prompts an epoch).
         max_prompts: cap on prompts per epoch (``None``: no cap).
         min_history: the earliest training position used (items of history before it).
+        recent_positions: sample only among each user's last ``recent_positions`` training
+            positions (closest in time to the held-out targets); ``None`` = all positions.
         num_negatives: ``N``, rejected items per pair (paper: 20).
         bucket_levels: code levels compared when bucketing self-play candidates (the first
             ``bucket_levels``); ``None`` = every semantic level: all levels, except a
@@ -155,6 +157,7 @@ class PreferenceDataModule(SFTDataModule):
     def __init__(self, *args, like_threshold: float = 4.0, dislike_threshold: float = 2.0,
                  dislike_never_engaged: bool = False, prompts_per_user: int = 1,
                  max_prompts: int | None = None, min_history: int = 1,
+                 recent_positions: int | None = None,
                  num_negatives: int = 20, bucket_levels: int | None = None,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -170,6 +173,7 @@ class PreferenceDataModule(SFTDataModule):
         self.prompts_per_user = prompts_per_user
         self.max_prompts = max_prompts
         self.min_history = min_history
+        self.recent_positions = recent_positions
         self.num_negatives = num_negatives
         self.bucket_levels = bucket_levels
         self.pairs: PreferencePairs | None = None
@@ -229,6 +233,8 @@ class PreferenceDataModule(SFTDataModule):
         specs: list[PromptSpec] = []
         for row, items in enumerate(split.train_items):
             positions = np.arange(self.min_history, len(items))
+            if self.recent_positions is not None:
+                positions = positions[-self.recent_positions:]
             if kind in FEEDBACK_KINDS:
                 ratings = split.train_ratings[row]
                 positions = positions[ratings[positions] >= self.like_threshold]

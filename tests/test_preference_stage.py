@@ -295,3 +295,14 @@ def test_buckets_ignore_an_appended_dedup_level(run_dir):
         assert [r[2] for r in pairs.as_records()] == [row for row in same_first if row]
     finally:
         dm.scid_map.meta, dm.bucket_levels = meta, None
+
+
+def test_sampling_is_deterministic_per_epoch_and_can_favour_recent_positions(run_dir):
+    dm, _ = _connected(run_dir, prompts_per_user=2)
+    first, again, other = (dm.sample_specs(e, "easy") for e in (4, 4, 5))
+    assert [(s.row, s.position) for s in first] == [(s.row, s.position) for s in again]
+    assert [(s.row, s.position) for s in first] != [(s.row, s.position) for s in other]
+    assert len(first) == 2 * MAX_USERS
+    dm.recent_positions = 3
+    for spec in dm.sample_specs(4, "easy"):
+        assert spec.position >= len(dm.split.train_items[spec.row]) - 3
