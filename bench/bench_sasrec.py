@@ -71,10 +71,20 @@ def main() -> None:
     parser.add_argument("--max_epochs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice)")
+    parser.add_argument("--recbole", type=int, default=0, metavar="EPOCHS",
+                        help="also time RecBole 1.2.1's SASRec for this many epochs "
+                             "(needs recbole installed; see bench/recbole_sasrec.py)")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
     L.seed_everything(42)
     rows = [run_ours(s, args.max_epochs, args.threads) for s in args.train_stride]
+    if args.recbole:
+        import subprocess
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "recbole.json"
+            subprocess.run([sys.executable, str(ROOT / "bench/recbole_sasrec.py"), "--epochs",
+                            str(args.recbole), "--json", str(out)], check=True)
+            rows.append(json.loads(out.read_text()))
     print("\n| model | test R@5 | test R@10 | test N@5 | test N@10 | s/epoch | epochs | total s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -82,6 +92,10 @@ def main() -> None:
         print(f"| {r['name']} | {t.get('recall@5', 0):.4f} | {t.get('recall@10', 0):.4f} | "
               f"{t.get('ndcg@5', 0):.4f} | {t.get('ndcg@10', 0):.4f} | "
               f"{r['sec_per_epoch']:.2f} | {r['epochs']} | {r['total_seconds']:.0f} |")
+    if args.recbole:
+        ref = rows[-1]["sec_per_epoch"]
+        for r in rows[:-1]:
+            print(f"{r['name']}: {ref / r['sec_per_epoch']:.1f}x faster per epoch than RecBole")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
