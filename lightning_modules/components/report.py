@@ -12,7 +12,8 @@ from lightning_modules.components.artifacts import (
     stage_dir,
 )
 
-SCHEMA_KEYS = ("valid", "test", "seconds", "items", "users", "per_stage")
+SCHEMA_KEYS = ("valid", "test", "seconds", "per_stage")
+TOKENIZER_KEYS = ("items", "users", "seconds")  # its validation numbers stay in stage.json
 DEFAULT_PROTOCOL = {"split": "leave-one-out", "max_history": 20, "exclude_history": True,
                     "num_beams": 20, "ks": [5, 10]}
 
@@ -24,7 +25,8 @@ def collect(run_dir: str | Path, dataset: str, stage_names: list[str]) -> dict:
         if not stage_complete(run_dir, name):
             continue
         rec = read_json(stage_dir(run_dir, name) / "stage.json")
-        stages[name] = {k: rec[k] for k in SCHEMA_KEYS if k in rec}
+        keys = TOKENIZER_KEYS if "items" in rec else SCHEMA_KEYS
+        stages[name] = {k: rec[k] for k in keys if k in rec}
         for k, v in (rec.get("protocol") or {}).items():
             protocol[k] = v
         dataset = dataset or rec.get("dataset", "")
