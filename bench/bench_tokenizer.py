@@ -1,8 +1,8 @@
 """Benchmark of the tokenizer stage on full ML-100K: time, codebook utilization, collisions.
 
-For each quantizer (the default RQ-VAE config and the residual k-means ablation) it composes the
-stage's YAML exactly as ``cli.py fit`` would (``--config`` files in order), trains with the
-YAML's Trainer on 2 CPU threads, exports the SCIDs and prints a markdown table.
+For each quantizer (the default RQ-VAE config and the residual k-means ablation) it runs the
+stage exactly as ``cli.py pipeline`` does (``--config`` files in order; fit, validation of the
+saved checkpoint, export of the SCIDs) and prints a markdown table.
 
 Collaborative features: the sasrec stage's embeddings when ``--run_dir`` holds a finished sasrec
 stage; otherwise a quick stand-in written into a temporary run directory: a truncated SVD of the
@@ -62,20 +62,15 @@ def write_svd_sasrec_stand_in(run_dir: Path, dim: int = 64, max_users: int | Non
 
 
 def run_stage(configs: list[str], run_dir: Path, extra: list[str]) -> tuple[dict, float]:
-    """Compose the YAMLs like ``cli.py fit``, train, export; (metrics, seconds)."""
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    """The pipeline's own stage runner (fit, validate the saved checkpoint, export) on the
+    composed YAMLs; returns (the stage record, wall seconds including CLI set-up)."""
+    from cli import run_stage as pipeline_stage
 
-    args = [a for c in configs for a in ("--config", str(ROOT / c))]
-    args += ["--model.init_args.run_dir", str(run_dir), "--data.init_args.run_dir", str(run_dir),
-             "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", *extra]
+    composed = [a for c in configs[1:] for a in ("--config", str(ROOT / c))]
     start = time.perf_counter()
-    cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
-                       subclass_mode_data=True, run=False, args=args,
-                       save_config_callback=None)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    metrics = cli.model.export_artifacts()
-    return metrics, time.perf_counter() - start
+    record = pipeline_stage("tokenizer", str(ROOT / configs[0]), run_dir,
+                            composed + ["--trainer.enable_progress_bar=false", *extra])
+    return record, time.perf_counter() - start
 
 
 def main() -> None:
@@ -112,9 +107,12 @@ def main() -> None:
           f"{', text encoding included' if args.cold else ', cached text embeddings'})\n")
     print("| quantizer | seconds | side | utilization per level | collisions before | after |")
     print("|---|---|---|---|---|---|")
-    for name, seconds, metrics in rows:
+    for name, seconds, record in rows:
         stats = _stats(Path(tmp.name) / name)
-        for side, m in metrics.items():
+        for side in ("items", "users"):
+            if side not in record:
+                continue
+            m = record[side]
             util = " / ".join(f"{u:.3f}" for u in m["utilization"])
             print(f"| {name} | {seconds:.1f} | {side} | {util} | "
                   f"{stats[side]['collision_rate_before']:.4f} | {m['collision_rate']:.4f} |")

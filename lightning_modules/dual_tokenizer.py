@@ -228,6 +228,14 @@ class DualTokenizer(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Dead-code resets and EMA updates write codebooks outside the optimizer, from each
+        # rank's own batch: rank 0's copy becomes everyone's, so DDP replicas stay identical.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for quantizer in self.quantizers.values():
+                for codebook in quantizer.codebooks.parameters():
+                    torch.distributed.broadcast(codebook.data, src=0)
+
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def encode_side(self, side: str, ids: Tensor | None = None) -> tuple[Tensor, Tensor]:

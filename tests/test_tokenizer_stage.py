@@ -3,6 +3,9 @@ export and round trip of the SCID map, YAML swaps, data errors, the text encoder
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -303,3 +306,38 @@ def test_text_encoder_caches_by_encoder_and_texts(tmp_path, monkeypatch):
     assert torch.equal(fresh.encode(texts), emb)
     assert fresh.cache_key(texts) != fresh.cache_key(texts[::-1])
     assert fresh.cache_key(texts) != TextEncoder(model="other/model").cache_key(texts)
+
+
+def test_ddp_replicas_keep_identical_codebooks(tmp_path):
+    """2 CPU processes with frequent dead-code resets (which write codebooks outside the
+    optimizer, from each rank's own batch): the replicas must still agree."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__, str(fake_sasrec(tmp_path))], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ddp_result.json").read_text())
+    assert result["ranks_equal"]
+    assert result["metrics"]["items"]["collision_rate"] == 0
+
+
+def _ddp_worker(run_dir: Path) -> None:
+    """Rank body of :func:`test_ddp_replicas_keep_identical_codebooks` (Lightning's DDP
+    launcher re-runs this file for rank 1)."""
+    L.seed_everything(0)
+    quantizer = partial(RQVAE, codebook_sizes=[64, 16, 16], code_dim=8, hidden_dims=[32],
+                        warmup_steps=4, dead_code_steps=3)
+    model = DualTokenizer(quantizer=quantizer, fused_dim=32, fusion_hidden=[64],
+                          run_dir=str(run_dir))
+    # Phase 1 leaves the quantizers out of the loss, hence find_unused_parameters.
+    tr = trainer(strategy="ddp_find_unused_parameters_true", devices=2, max_epochs=6)
+    tr.fit(model, datamodule=data(run_dir))
+    books = torch.cat([q.codebooks.codebooks[0].data for q in model.quantizers.values()])
+    gathered = tr.strategy.all_gather(books)
+    if tr.is_global_zero:
+        result = {"ranks_equal": bool(torch.equal(gathered[0], gathered[1])),
+                  "metrics": model.export_artifacts()}
+        (run_dir / "ddp_result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _ddp_worker(Path(sys.argv[1]))
