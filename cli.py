@@ -137,7 +137,8 @@ def pipeline(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cli.py pipeline",
         description="Run the stages of a pipeline YAML into one run directory.")
-    parser.add_argument("--config", required=True, help="pipeline YAML (configs/<dataset>/pipeline.yaml)")
+    parser.add_argument("--config", required=True,
+                        help="pipeline YAML (configs/<dataset>/pipeline.yaml)")
     parser.add_argument("--run_dir", default=None, help="run directory (default: from the YAML)")
     parser.add_argument("--stages", default=None,
                         help="comma-separated subset of stages to run (default: all in the YAML)")
@@ -147,8 +148,9 @@ def pipeline(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true",
                         help="re-run stages even when their artifacts are complete")
     args, passthrough = parser.parse_known_args(argv)
-    bad = [a for a in passthrough if a.startswith("--") and
-           not a.split("=")[0].startswith(("--trainer.", "--model.", "--data.", "--seed_everything"))]
+    stage_flags = ("--trainer.", "--model.", "--data.", "--seed_everything")
+    bad = [a for a in passthrough
+           if a.startswith("--") and not a.split("=")[0].startswith(stage_flags)]
     if bad:
         parser.error(f"unknown pipeline arguments {bad}; stage flags must start with "
                      "--trainer., --model. or --data.")
@@ -166,7 +168,8 @@ def pipeline(argv: list[str]) -> int:
     if wanted and not wanted <= set(names):
         parser.error(f"--stages {sorted(wanted - set(names))} not in {cfg_path} ({names})")
     run_dir.mkdir(parents=True, exist_ok=True)
-    rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    # Under DDP the children re-run this command; only the first process writes reports.
+    rank0 = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     for stage in stages:
         name = stage["name"]
         if wanted and name not in wanted:

@@ -57,7 +57,7 @@ class SASRecEncoder(nn.Module):
         return self.final_norm(h)
 
     def item_weights(self) -> torch.Tensor:
-        """``[num_items, d]`` output embeddings (tied with the input embeddings, padding dropped)."""
+        """``[num_items, d]`` output embeddings (tied with the inputs, padding row dropped)."""
         return self.item_embedding.weight[1:]
 
 

@@ -61,7 +61,8 @@ def read_stage(run_dir: str | os.PathLike, stage: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: the '{stage}' stage has not finished in {run_dir}; run it first "
-            f"(python cli.py pipeline ... or python cli.py fit --config configs/<dataset>/{stage}.yaml)")
+            f"(python cli.py pipeline ... or "
+            f"python cli.py fit --config configs/<dataset>/{stage}.yaml)")
     return read_json(path)
 
 
