@@ -303,6 +303,8 @@ class PreferenceAligner(L.LightningModule):
                 path, num_beams=self.num_beams, ks=self.ks, exclude_history=self.exclude_history)
             if self.disable_dropout:
                 _disable_dropout(self.policy.model)
+            # from_pretrained returns eval mode, and Lightning keeps module modes as found.
+            self.policy.train()
         dm = self._datamodule()
         if dm is not None and hasattr(dm, "attach_tokenizer"):
             self.policy.attach_data(dm)
