@@ -67,3 +67,34 @@ def test_invalid_options_are_rejected():
         BackboneConfig(finetuning="qlora")
     with pytest.raises(ValueError, match="arch"):
         BackboneConfig(arch="gpt9")
+    with pytest.raises(ValueError, match="dropout"):
+        BackboneConfig(dropout=1.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dropout_acts_in_training_only_and_is_not_exported(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = BackboneConfig(arch=arch, dropout=0.3, **TINY)
+    tok, ids = build_tokenizer(cfg, CORPUS, SCID)
+    model = build_model(cfg, tok, ids, seed=0)
+    assert model.config.attention_dropout == 0.3
+    x = torch.tensor([[tok.bos_token_id] + ids[:6]])
+    model.eval()
+    with torch.no_grad():
+        a, b = model(input_ids=x).logits, model(input_ids=x).logits
+    assert torch.equal(a, b)
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        c, d = model(input_ids=x).logits, model(input_ids=x).logits
+    assert not torch.allclose(c, d)  # residual/embedding dropout is on while training
+    # Without dropout the same weights give the eval-mode logits in training mode too.
+    plain = build_model(BackboneConfig(arch=arch, **TINY), tok, ids, seed=0)
+    plain.train()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, a, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x).logits, a, atol=1e-5)

@@ -76,6 +76,12 @@ class BackboneConfig:
         gradient_checkpointing: trade compute for memory (large backbones on GPU).
         attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
         trust_remote_code: passed to ``from_pretrained`` for custom hub models.
+        dropout: dropout of the built model while training, as in GPT-2/SASRec: on the token
+            embeddings, on the output of every attention and MLP block (before the residual
+            add) and on the attention probabilities. HF Llama/Qwen2 configs only have the last
+            one, so the others are forward hooks (not saved with the weights: an exported model
+            runs without dropout, like any model in eval mode). 0 = none. The hooks apply to
+            pretrained backbones too; the attention-probability dropout to built ones only.
     """
 
     name_or_path: str | None = None
@@ -93,8 +99,11 @@ class BackboneConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.finetuning not in ("full", "lora"):
             raise ValueError(f"finetuning must be 'full' or 'lora', got {self.finetuning!r}")
         if self.arch not in ("llama", "qwen2"):
@@ -143,8 +152,28 @@ def _built_model_config(cfg: BackboneConfig, tokenizer) -> object:
               max_position_embeddings=cfg.max_position_embeddings,
               tie_word_embeddings=cfg.tie_word_embeddings,
               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-              pad_token_id=tokenizer.pad_token_id)
+              pad_token_id=tokenizer.pad_token_id, attention_dropout=cfg.dropout)
     return AutoConfig.for_model(cfg.arch, **kw)
+
+
+def add_hidden_dropout(model: PreTrainedModel, p: float) -> list:
+    """Dropout (active in training mode only) on the token embeddings and on the output of
+    every attention output projection and MLP down projection, i.e. on each residual branch.
+    Returns the hook handles."""
+    if p <= 0:
+        return []
+
+    def hook(module, args, output):
+        return torch.nn.functional.dropout(output, p, module.training)
+
+    handles = [model.get_input_embeddings().register_forward_hook(hook)]
+    for name, module in model.named_modules():
+        if name.endswith(("self_attn.o_proj", "mlp.down_proj")):
+            handles.append(module.register_forward_hook(hook))
+    if len(handles) == 1:
+        raise ValueError(f"dropout: no attention/MLP output projections (o_proj, down_proj) in "
+                         f"{type(model).__name__}; set backbone.dropout: 0 for this model")
+    return handles
 
 
 def build_model(cfg: BackboneConfig, tokenizer, new_token_ids: list[int] | None = None,
@@ -172,6 +201,7 @@ def build_model(cfg: BackboneConfig, tokenizer, new_token_ids: list[int] | None 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    add_hidden_dropout(model, cfg.dropout)
     return apply_finetuning(model, cfg, new_token_ids or [], lora)
 
 
