@@ -16,25 +16,21 @@ PIPELINES = sorted([*ROOT.glob("configs/*/pipeline.yaml"),
 SFT_ABLATIONS = sorted(p.name for p in ROOT.glob("configs/ablations/sft_*.yaml"))
 
 
-def _stage_configs(path: Path) -> list[list[str]]:
-    spec = yaml.safe_load(path.read_text())
-    out = []
-    for stage in spec["stages"]:
-        args = ["--config", stage["config"]]
+def _config_files(path: Path) -> list[str]:
+    """Every YAML a pipeline names: stage configs and ``--config`` values in overrides."""
+    files = []
+    for stage in yaml.safe_load(path.read_text())["stages"]:
         overrides = [str(a) for a in stage.get("overrides", [])]
-        for flag, value in zip(overrides, overrides[1:]):
-            if flag == "--config":
-                args += ["--config", value]
-        out.append(args)
-    return out
+        files.append(stage["config"])
+        files += [value for flag, value in zip(overrides, overrides[1:]) if flag == "--config"]
+    return files
 
 
 def test_every_pipeline_names_existing_configs():
     assert PIPELINES, "no pipeline configs found"
     for path in PIPELINES:
-        for args in _stage_configs(path):
-            for value in args[1::2]:
-                assert (ROOT / value).is_file(), f"{path.name}: {value} does not exist"
+        for value in _config_files(path):
+            assert (ROOT / value).is_file(), f"{path.name}: {value} does not exist"
 
 
 @pytest.mark.parametrize("ablation", SFT_ABLATIONS)

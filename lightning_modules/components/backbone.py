@@ -156,24 +156,22 @@ def _built_model_config(cfg: BackboneConfig, tokenizer) -> object:
     return AutoConfig.for_model(cfg.arch, **kw)
 
 
-def add_hidden_dropout(model: PreTrainedModel, p: float) -> list:
+def add_hidden_dropout(model: PreTrainedModel, p: float) -> None:
     """Dropout (active in training mode only) on the token embeddings and on the output of
-    every attention output projection and MLP down projection, i.e. on each residual branch.
-    Returns the hook handles."""
+    every attention output projection and MLP down projection, i.e. on each residual branch."""
     if p <= 0:
-        return []
+        return
 
     def hook(module, args, output):
         return torch.nn.functional.dropout(output, p, module.training)
 
-    handles = [model.get_input_embeddings().register_forward_hook(hook)]
-    for name, module in model.named_modules():
-        if name.endswith(("self_attn.o_proj", "mlp.down_proj")):
-            handles.append(module.register_forward_hook(hook))
-    if len(handles) == 1:
+    branches = [m for name, m in model.named_modules()
+                if name.endswith(("self_attn.o_proj", "mlp.down_proj"))]
+    if not branches:
         raise ValueError(f"dropout: no attention/MLP output projections (o_proj, down_proj) in "
                          f"{type(model).__name__}; set backbone.dropout: 0 for this model")
-    return handles
+    for module in [model.get_input_embeddings(), *branches]:
+        module.register_forward_hook(hook)
 
 
 def build_model(cfg: BackboneConfig, tokenizer, new_token_ids: list[int] | None = None,
