@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from callbacks.timing import StageTimer
 from lightning_modules.components.artifacts import (
     mark_stage_complete,
     read_json,
@@ -59,13 +60,25 @@ def _stage_name(model: L.LightningModule) -> str:
 
 
 def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | None,
-                 valid: dict | None = None, test: dict | None = None) -> dict | None:
-    """Write the stage's artifacts and its ``stage.json`` (rank 0 only)."""
+                 valid: dict | None = None, test: dict | None = None,
+                 timer: StageTimer | None = None) -> dict | None:
+    """Write the stage's artifacts and its ``stage.json`` (rank 0 only).
+
+    With a ``timer``, the record gets ``timing`` (seconds per phase, throughput, export time)."""
     run_dir = getattr(model, "run_dir", None)
     if not trainer.is_global_zero or run_dir is None:
         return None
+    start = time.perf_counter()
     info = model.export_artifacts() if hasattr(model, "export_artifacts") else {}
     record = {**(info or {})}
+    if timer is not None:
+        extra = {"export": time.perf_counter() - start}
+        selfplay = [cb for cb in trainer.callbacks if hasattr(cb, "history")
+                    and isinstance(cb.history, list)]
+        if selfplay:
+            extra["selfplay"] = sum(float(h.get("seconds", 0.0)) for cb in selfplay
+                                    for h in cb.history)
+        record["timing"] = timer.summary(extra)
     record.setdefault("protocol", _protocol(trainer, model))
     if valid is None:
         valid = {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items()
@@ -75,6 +88,8 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
     if test:
         record["test"] = test
     if seconds is not None:
+        if timer is not None:
+            seconds += record["timing"]["seconds"]["export"]  # a stage's time includes export
         record["seconds"] = round(seconds, 2)
     mark_stage_complete(run_dir, _stage_name(model), record)
     return record
@@ -117,6 +132,8 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str]) -> dict |
             *extra]
     cli = Align3CLI(args=args, run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    timer = StageTimer()
+    trainer.callbacks.append(timer)
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
             cb.dirpath = str(run_dir / name / "checkpoints")
@@ -130,7 +147,7 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str]) -> dict |
         ckpt = None  # weights of the best checkpoint are loaded now
     if _has_step(model, "test_step") and trainer.limit_test_batches != 0:
         test = _metrics_from(trainer.test(model, datamodule=data, ckpt_path=ckpt), "test")
-    return export_stage(trainer, model, time.perf_counter() - start, valid, test)
+    return export_stage(trainer, model, time.perf_counter() - start, valid, test, timer)
 
 
 def pipeline(argv: list[str]) -> int:
