@@ -375,3 +375,37 @@ def test_bfloat16_model_runs(items3, prompts):
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
     assert torch.equal(trie.lookup(tokens), items) and (items >= 0).all()
     assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_steps_equal_the_repeated_cache(items3, prompts, attn):
+    """The packed form (prompt cached once, beams as tokens of one row under a 4-D mask) and
+    the repeated-cache form return the same items with the same scores, exclusions, padding
+    beams (W > first level) and four levels included."""
+    m = _model(seed=5)
+    m.config._attn_implementation = attn
+    items4 = _catalogue(sizes=(5, 4, 6, 8), num_items=180, offset=60, seed=3)
+    g = torch.Generator().manual_seed(8)
+    excl4 = torch.full((4, 170), -1)
+    for row, n in enumerate((0, 5, 40, 170)):
+        excl4[row, :n] = torch.randperm(180, generator=g)[:n]
+    for catalogue, excl in ((items3, _exclusions(items3)), (items4, excl4)):
+        trie = ItemTrie(catalogue)
+        for width, exclude in ((7, None), (30, excl), (3, excl)):
+            a_items, a_scores, a_tok = constrained_beam_search(
+                m, *prompts, trie, num_beams=width, exclude_items=exclude, return_tokens=True,
+                method="packed")
+            b_items, b_scores, b_tok = constrained_beam_search(
+                m, *prompts, trie, num_beams=width, exclude_items=exclude, return_tokens=True,
+                method="cache")
+            assert torch.equal(a_items, b_items) and torch.equal(a_tok, b_tok)
+            torch.testing.assert_close(a_scores, b_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_is_the_default_for_sdpa_and_rejects_unknown_methods(model, items3, prompts):
+    trie = ItemTrie(items3)
+    default, _ = constrained_beam_search(model, *prompts, trie, num_beams=5)
+    packed, _ = constrained_beam_search(model, *prompts, trie, num_beams=5, method="packed")
+    assert torch.equal(default, packed)
+    with pytest.raises(ValueError, match="method"):
+        constrained_beam_search(model, *prompts, trie, num_beams=5, method="fast")

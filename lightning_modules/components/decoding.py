@@ -106,6 +106,15 @@ class _BeamLayer(DynamicLayer or object):
         raise NotImplementedError
 
 
+def _plain_cache(cache) -> bool:
+    """Whether every layer of ``cache`` is a plain, in-memory :class:`DynamicLayer`."""
+    layers = getattr(cache, "layers", None)
+    plain = DynamicLayer is not None and bool(layers) and all(
+        type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None
+        and layer.keys.dim() == 4 for layer in layers)
+    return plain and not getattr(cache, "offloading", False)
+
+
 def _expand_cache(cache, beams: int, extra: int) -> bool:
     """Repeat a prefill cache to ``beams`` per row; ``True`` if the in-place beam layers are used.
 
@@ -113,20 +122,17 @@ def _expand_cache(cache, beams: int, extra: int) -> bool:
     (sliding window, quantized, linear attention, ...) uses its own ``batch_repeat_interleave``
     and later its own ``reorder_cache``.
     """
-    layers = getattr(cache, "layers", None)
-    plain = DynamicLayer is not None and bool(layers) and all(
-        type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None
-        and layer.keys.dim() == 4 for layer in layers)
-    if plain and not getattr(cache, "offloading", False):
-        cache.layers = [_BeamLayer(layer, beams, extra) for layer in layers]
+    if _plain_cache(cache):
+        cache.layers = [_BeamLayer(layer, beams, extra) for layer in cache.layers]
         return True
     cache.batch_repeat_interleave(beams)
     return False
 
 
 def _forward(model, params: set[str], input_ids, attention_mask, position_ids, cache,
-             keep_last: bool):
-    """One cached forward; returns ``(log_probs [N, V] float32, cache)`` of the last position.
+             keep_last: bool, all_positions: bool = False):
+    """One cached forward; returns ``(log_probs [N, V] float32, cache)`` of the last position
+    (``all_positions``: of every position, flattened to ``[B * T, V]``).
 
     The cache keyword is ``cache`` (transformers 5.x) or ``past_key_values`` (older).
     """
@@ -135,7 +141,10 @@ def _forward(model, params: set[str], input_ids, attention_mask, position_ids, c
         kwargs["logits_to_keep"] = 1
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, return_dict=True, **kwargs)
-    logits = out.logits[:, -1, :].float()
+    if all_positions:
+        logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
+    else:
+        logits = out.logits[:, -1, :].float()
     new_cache = getattr(out, "cache", None)
     if new_cache is None:
         new_cache = getattr(out, "past_key_values", None)
@@ -150,6 +159,7 @@ def constrained_beam_search(
     num_beams: int = 20,
     exclude_items: torch.Tensor | Sequence[Iterable[int]] | None = None,
     return_tokens: bool = False,
+    method: str = "auto",
 ):
     """Top ``num_beams`` items per prompt by beam search constrained to the item trie.
 
@@ -166,6 +176,16 @@ def constrained_beam_search(
         exclude_items: optional ``LongTensor [B, H]`` item indices never returned for that
             row (history), ``-1`` = padding; or a list of ``B`` iterables of item indices.
         return_tokens: also return the ``[B, W, L]`` generated token ids.
+        method: how the beams read the prompt's keys and values (same results either way):
+            ``packed`` (default for sdpa/eager attention): the prompt is cached ONCE per row
+            and the ``W`` beams of a level are fed as ``W`` tokens of that row, with a 4-D
+            mask through which each beam sees the prompt, its own ancestors and itself; the
+            cache grows by ``W`` slots per level and nothing is ever copied or reordered.
+            ``cache`` (any attention, e.g. flash-attention without 4-D masks): the prompt
+            cache is repeated to the ``W`` beams and reordered as beams change parents.
+            ``auto`` picks ``packed`` where the model's attention takes 4-D masks; caches
+            other than plain :class:`DynamicLayer` ones (e.g. sliding window) always take
+            ``cache``.
     Returns:
         ``items`` ``LongTensor [B, W]``: row indices into ``trie.item_tokens``, best first,
         ``-1`` where fewer than ``W`` items could be returned; ``scores`` ``FloatTensor [B, W]``:
@@ -174,6 +194,11 @@ def constrained_beam_search(
     """
     if num_beams < 1:
         raise ValueError("num_beams must be >= 1")
+    if method not in ("auto", "packed", "cache"):
+        raise ValueError(f"method must be auto, packed or cache, got {method!r}")
+    impl = _attn_implementation(model)
+    if method == "auto":
+        method = "packed" if impl in ("sdpa", "eager") else "cache"
     device = input_ids.device
     if trie.device != device:
         trie = trie.to(device)
@@ -214,18 +239,30 @@ def constrained_beam_search(
             beam_tokens = torch.cat([beam_tokens, beam_tokens[:, :1].expand(batch, pad)], 1)
         history = [beam_tokens]  # per level [B, W]
 
-        if trie.num_levels > 1:
+        # packed steps append W slots per level to a plain cache; sliding-window, quantized or
+        # offloaded caches would drop or transform them, so those take the repeated cache
+        packed = method == "packed" and _plain_cache(cache)
+        if trie.num_levels > 1 and not packed:
             _expand_cache(cache, width, trie.num_levels - 1)
             beam_mask = attention_mask.repeat_interleave(width, dim=0)  # [B*W, P]
             beam_pos = last_pos.repeat_interleave(width, dim=0)  # [B*W]
             flat_base = (rows * width)[:, None]  # [B, 1]
+        # packed: ancestors[j][b, w] = slot (beam index at level j) of beam w's level-j token
+        ancestors: list[torch.Tensor] = []
 
         # 3. deeper levels: expand every beam by its trie children, keep the best W
         for level in range(1, trie.num_levels):
-            beam_mask = torch.cat([beam_mask, beam_mask.new_ones(batch * width, 1)], dim=1)
-            log_probs, cache = _forward(
-                model, params, beam_tokens.reshape(-1, 1), beam_mask,
-                (beam_pos + level).unsqueeze(1), cache, keep_last=False)  # [B*W, V]
+            if packed:
+                mask = _packed_step_mask(attention_mask, ancestors, width, impl,
+                                         _model_dtype(model))
+                pos = (last_pos + level).unsqueeze(1).expand(batch, width)
+                log_probs, cache = _forward(model, params, beam_tokens, mask, pos, cache,
+                                            keep_last=False, all_positions=True)  # [B*W, V]
+            else:
+                beam_mask = torch.cat([beam_mask, beam_mask.new_ones(batch * width, 1)], dim=1)
+                log_probs, cache = _forward(
+                    model, params, beam_tokens.reshape(-1, 1), beam_mask,
+                    (beam_pos + level).unsqueeze(1), cache, keep_last=False)  # [B*W, V]
             child = trie.child_node[level][beam_nodes]  # [B, W, K]
             ctok = trie.child_token[level][beam_nodes]
             step = log_probs.view(batch, width, -1).gather(2, ctok)
@@ -240,7 +277,10 @@ def constrained_beam_search(
             beam_nodes = child.view(batch, -1).gather(1, pick).clamp(min=0)
             beam_tokens = ctok.view(batch, -1).gather(1, pick)
             history = [h.gather(1, src) for h in history] + [beam_tokens]
-            if level + 1 < trie.num_levels:
+            if packed:
+                # the new beams' ancestors: those of their source beams, then the source itself
+                ancestors = [a.gather(1, src) for a in ancestors] + [src]
+            elif level + 1 < trie.num_levels:
                 cache.reorder_cache((flat_base + src).reshape(-1))
 
         alive = torch.isfinite(beam_scores)
@@ -250,6 +290,39 @@ def constrained_beam_search(
             return items, scores
         tokens = torch.stack(history, dim=2).masked_fill(~alive.unsqueeze(2), -1)
         return items, scores, tokens
+
+
+def _attn_implementation(model) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _packed_step_mask(prompt_mask: torch.Tensor, ancestors: list[torch.Tensor], width: int,
+                      impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """4-D mask ``[B, 1, W, P + (l + 1) W]`` of the packed step at level ``l = len(ancestors)``.
+
+    Key slots: the prompt (``P``, its left padding blocked), then ``W`` slots per fed level.
+    Query beam ``w`` sees the prompt, slot ``ancestors[j][b, w]`` of every earlier level ``j``
+    and its own slot ``w`` of the level being fed.
+    """
+    batch, plen = prompt_mask.shape
+    device = prompt_mask.device
+    levels = len(ancestors) + 1
+    gen = torch.zeros(batch, width, levels, width, dtype=torch.bool, device=device)
+    for j, anc in enumerate(ancestors):
+        gen[:, :, j].scatter_(2, anc.unsqueeze(2), True)
+    gen[:, :, -1] = torch.eye(width, dtype=torch.bool, device=device)
+    prompt = prompt_mask.bool()[:, None, :].expand(batch, width, plen)
+    mask = torch.cat([prompt, gen.reshape(batch, width, levels * width)], dim=2).unsqueeze(1)
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
+            ~mask, torch.finfo(dtype).min)
+    return mask
 
 
 def _rows_of(exclude_items) -> int:
