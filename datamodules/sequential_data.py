@@ -16,14 +16,27 @@ class TrainWindows(Dataset):
     """Causal training windows: ``input[j]`` predicts ``target[j]`` (every position trains).
 
     Windows of at most ``max_history`` inputs end every ``stride`` items from the end of each
-    user's training sequence, so recent positions always see a full history.
+    user's training sequence, so recent positions always see a full history. With a random
+    generator ``rng``, the windows before the most recent one move forward by a random
+    offset in ``[0, stride)`` per user (overlapping the most recent window), so that over
+    epochs every position is trained with contexts of every length; every target is still
+    trained at least once per epoch (with ``stride = max_history``: once, or twice for the
+    overlapped ones).
     """
 
-    def __init__(self, train_items: list[np.ndarray], max_history: int, stride: int) -> None:
+    def __init__(self, train_items: list[np.ndarray], max_history: int, stride: int,
+                 rng: np.random.Generator | None = None) -> None:
+        if stride < 1:
+            raise ValueError(f"train_stride must be >= 1, got {stride}")
         self.max_history = max_history
         self.windows: list[np.ndarray] = []
         for seq in train_items:
-            for end in range(len(seq), 1, -stride):
+            n = len(seq)
+            if n < 2:
+                continue
+            self.windows.append(seq[max(0, n - max_history - 1):n])
+            shift = int(rng.integers(stride)) if rng is not None else 0
+            for end in range(n - stride + shift, 1, -stride):
                 self.windows.append(seq[max(0, end - max_history - 1):end])
 
     def __len__(self) -> int:
@@ -74,15 +87,20 @@ class SequentialDataModule(RecDataModule):
         (all other arguments: see :class:`datamodules.base.RecDataModule`)
     """
 
-    def __init__(self, *args, train_stride: int = 5, **kwargs) -> None:
+    def __init__(self, *args, train_stride: int = 5, random_shift: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if train_stride < 1:
+            raise ValueError(f"data.train_stride must be >= 1, got {train_stride}")
         self.train_stride = train_stride
+        self.random_shift = random_shift
 
     def train_dataloader(self) -> DataLoader:
         self.load()
-        ds = TrainWindows(self.split.train_items, self.max_history, self.train_stride)
-        gen = torch.Generator().manual_seed(self.seed + (self.trainer.current_epoch
-                                                         if self.trainer else 0))
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        rng = np.random.default_rng([self.seed, epoch]) if self.random_shift else None
+        ds = TrainWindows(self.split.train_items, self.max_history, self.train_stride, rng)
+        gen = torch.Generator().manual_seed(self.seed + epoch)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=True, generator=gen,
                           collate_fn=ds.collate, num_workers=self.num_workers)
 

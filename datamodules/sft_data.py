@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.base import RecDataModule
 from datamodules.prompts import (
@@ -147,6 +147,53 @@ class SFTTrainDataset(Dataset):
         raise AssertionError(task)
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """Random order in which neighbours have similar lengths (less padding per batch).
+
+    Every epoch: a seeded permutation, cut into groups of ``batch_size * group_batches``
+    examples; each group sorted by length (longest first) and cut into batches; the batches
+    of all groups shuffled. The DataLoader's consecutive ``batch_size`` indices are then one
+    such batch. Under DDP, Lightning's wrapper deals the indices out round-robin, so each
+    rank's batches are drawn from the same sorted neighbourhoods.
+
+    The epoch comes from :meth:`set_epoch` when Lightning calls it, else from a counter of
+    completed passes; both start from ``seed``, so the order is reproducible.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, group_batches: int = 50,
+                 seed: int = 0) -> None:
+        if batch_size < 1 or group_batches < 1:
+            raise ValueError("batch_size and group_batches must be >= 1")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.group = batch_size * group_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def order(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(len(self.lengths))
+        batches = []
+        for s in range(0, len(perm), self.group):
+            chunk = perm[s:s + self.group]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size]
+                        for i in range(0, len(chunk), self.batch_size)]
+        # Full batches in random order; a group's short remainder stays a batch of its own.
+        return [int(i) for b in rng.permutation(len(batches)) for i in batches[b]]
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        self.epoch += 1
+        return iter(order)
+
+
 class TrainCollator:
     """Tokenizes a batch of segment lists; dynamic (per-batch) right padding."""
 
@@ -204,14 +251,18 @@ class SFTDataModule(RecDataModule):
         fusion_history: history titles shown in fusionseqrec prompts.
         max_length: longest training row in tokens (longer rows keep their end).
         val_max_users: evaluate validation on the first N users only (speed); test uses all.
+        group_by_length: batch examples of similar token length together (random groups of
+            ``50 x batch_size`` sorted by length; about a third less padding on ML-100K).
     """
 
     def __init__(self, *args, scid_dir: str | None = None, templates: str | None = None,
                  tasks: dict[str, float] | None = None, seqrec_mode: str = "sequence",
                  window_min_context: int = 5, inject_user: bool = True,
                  fusion_history: int = 5, max_length: int = 256,
-                 val_max_users: int | None = None, **kwargs) -> None:
+                 val_max_users: int | None = None, group_by_length: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
         self.scid_dir = scid_dir
         self.templates = templates
         self.tasks = dict(DEFAULT_TASKS if tasks is None else tasks)
@@ -257,9 +308,28 @@ class SFTDataModule(RecDataModule):
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer attached: the GenerativeRecommender attaches it in "
                                "configure_model(); call dm.attach_tokenizer(tok) when used alone")
-        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True,
-                          collate_fn=TrainCollator(self.tokenizer, self.max_length),
+        ds = self.train_dataset()
+        collate = TrainCollator(self.tokenizer, self.max_length)
+        if not self.group_by_length:
+            return DataLoader(ds, batch_size=self.batch_size, shuffle=True, collate_fn=collate,
+                              num_workers=self.num_workers, drop_last=False)
+        sampler = LengthGroupedSampler(self.example_lengths(ds), self.batch_size,
+                                       seed=self.seed)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, drop_last=False)
+
+    def example_lengths(self, ds: SFTTrainDataset) -> list[int]:
+        """Token length of every example of ``ds`` (one draw of its random parts; later draws
+        differ in a user's oldest, shorter window and in the paraphrase picked)."""
+        state = random.getstate()
+        random.seed(self.seed)  # the draws here leave the training stream untouched
+        try:
+            examples = [ds[i] for i in range(len(ds))]
+        finally:
+            random.setstate(state)
+        rows = encode_segments(self.tokenizer, [e[0] for e in examples],
+                               [e[1] for e in examples], max_length=self.max_length)
+        return [len(ids) for ids, _ in rows]
 
     def _eval(self, stage: str, limit: int | None = None) -> DataLoader:
         self.setup()

@@ -52,6 +52,7 @@ from lightning_modules.components.backbone import (
     count_parameters,
 )
 from lightning_modules.components.decoding import ItemTrie, constrained_beam_search
+from lightning_modules.components.lm_loss import causal_lm_loss
 from lightning_modules.components.metrics import RankingEvaluator
 from lightning_modules.components.scid_map import SCIDMap, load_scid_map
 
@@ -272,14 +273,15 @@ class GenerativeRecommender(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def training_step(self, batch, batch_idx):
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"])
+        # The LM head runs on the labelled positions only (same loss as HF's labels=...).
+        loss = causal_lm_loss(self.model, batch["input_ids"], batch["attention_mask"],
+                              batch["labels"])
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         # Token throughput: real (unpadded) tokens of this batch.
         self.log("train/tokens", batch["attention_mask"].sum().float(), reduce_fx="sum",
                  on_step=False, on_epoch=True, batch_size=bs)
-        return out.loss
+        return loss
 
     def configure_optimizers(self):
         decay, no_decay = [], []

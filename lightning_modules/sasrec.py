@@ -9,6 +9,7 @@ the tokenizer stage.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -69,6 +70,9 @@ class SASRec(L.LightningModule):
         max_history: input length (protocol default 20).
         hidden_size, num_layers, num_heads, dropout, attn_dropout: encoder shape.
         lr, weight_decay: AdamW settings.
+        lr_schedule: ``constant`` (the lr throughout) or ``cosine`` (linear warm-up over
+            ``warmup_ratio`` of the steps, then cosine decay to ``min_lr_ratio * lr`` at
+            ``trainer.max_epochs``; fewer epochs reach the same quality).
         ks: cut-offs for Recall@K / NDCG@K.
         exclude_history: drop already-seen items from the ranking (protocol default).
         run_dir: pipeline run directory; embeddings are exported to ``<run_dir>/sasrec``.
@@ -79,9 +83,14 @@ class SASRec(L.LightningModule):
     def __init__(self, num_items: int = 0, max_history: int = 20, hidden_size: int = 64,
                  num_layers: int = 2, num_heads: int = 2, dropout: float = 0.2,
                  attn_dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant", warmup_ratio: float = 0.05,
+                 min_lr_ratio: float = 0.0,
                  ks: list[int] = [5, 10], exclude_history: bool = True,  # noqa: B006
                  run_dir: str | None = None) -> None:
         super().__init__()
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"model.lr_schedule must be 'constant' or 'cosine', got "
+                             f"{lr_schedule!r}")
         self.save_hyperparameters()
         self.encoder: SASRecEncoder | None = None
         if num_items > 0:
@@ -122,8 +131,22 @@ class SASRec(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
-                                 weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.get("lr_schedule", "constant") == "constant":
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(hp.warmup_ratio * total))
+        floor = hp.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- scoring ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -82,6 +82,9 @@ class BackboneConfig:
             one, so the others are forward hooks (not saved with the weights: an exported model
             runs without dropout, like any model in eval mode). 0 = none. The hooks apply to
             pretrained backbones too; the attention-probability dropout to built ones only.
+        attention_dropout: attention-probability dropout of the built model; ``None`` = the
+            same as ``dropout``. On CPU it is the most expensive part of dropout (SDPA falls
+            back to its unfused kernel), so the CPU configs may set it apart.
     """
 
     name_or_path: str | None = None
@@ -100,10 +103,14 @@ class BackboneConfig:
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
     dropout: float = 0.0
+    attention_dropout: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1) or null, got "
+                             f"{self.attention_dropout!r}")
         if self.finetuning not in ("full", "lora"):
             raise ValueError(f"finetuning must be 'full' or 'lora', got {self.finetuning!r}")
         if self.arch not in ("llama", "qwen2"):
@@ -152,8 +159,19 @@ def _built_model_config(cfg: BackboneConfig, tokenizer) -> object:
               max_position_embeddings=cfg.max_position_embeddings,
               tie_word_embeddings=cfg.tie_word_embeddings,
               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-              pad_token_id=tokenizer.pad_token_id, attention_dropout=cfg.dropout)
+              pad_token_id=tokenizer.pad_token_id,
+              attention_dropout=cfg.dropout if cfg.attention_dropout is None
+              else cfg.attention_dropout)
     return AutoConfig.for_model(cfg.arch, **kw)
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout whose mask comes from ``rand`` (on CPU about 2x cheaper than the
+    Bernoulli sampling of ``F.dropout``; same distribution, seeded by the global stream)."""
+    if not training or p <= 0:
+        return x
+    keep = torch.rand(x.shape, device=x.device, dtype=x.dtype) >= p
+    return x * keep / (1.0 - p)
 
 
 def add_hidden_dropout(model: PreTrainedModel, p: float) -> None:
@@ -163,7 +181,7 @@ def add_hidden_dropout(model: PreTrainedModel, p: float) -> None:
         return
 
     def hook(module, args, output):
-        return torch.nn.functional.dropout(output, p, module.training)
+        return fast_dropout(output, p, module.training)
 
     branches = [m for name, m in model.named_modules()
                 if name.endswith(("self_attn.o_proj", "mlp.down_proj"))]
