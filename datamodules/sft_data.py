@@ -250,7 +250,9 @@ class SFTDataModule(RecDataModule):
         inject_user: put the user SCID into the prompts (when the map has user codes).
         fusion_history: history titles shown in fusionseqrec prompts.
         max_length: longest training row in tokens (longer rows keep their end).
-        val_max_users: evaluate validation on the first N users only (speed); test uses all.
+        val_max_users: during fit, validate (for model selection and the curves) on a seeded
+            random sample of N users, the same every epoch; ``validate`` (what the pipeline
+            reports) and test always use every user. ``None``: every user throughout.
         group_by_length: batch examples of similar token length together (random groups of
             ``50 x batch_size`` sorted by length; about a third less padding on ML-100K).
     """
@@ -262,6 +264,8 @@ class SFTDataModule(RecDataModule):
                  val_max_users: int | None = None, group_by_length: bool = False,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if val_max_users is not None and val_max_users < 1:
+            raise ValueError(f"data.val_max_users must be >= 1 or null, got {val_max_users}")
         self.group_by_length = group_by_length
         self.scid_dir = scid_dir
         self.templates = templates
@@ -331,15 +335,26 @@ class SFTDataModule(RecDataModule):
                                [e[1] for e in examples], max_length=self.max_length)
         return [len(ids) for ids, _ in rows]
 
-    def _eval(self, stage: str, limit: int | None = None) -> DataLoader:
+    def _eval(self, stage: str, rows: np.ndarray | None = None) -> DataLoader:
         self.setup()
-        rows = np.arange(len(self.split.users))
-        if limit is not None:
-            rows = rows[:limit]
+        if rows is None:
+            rows = np.arange(len(self.split.users))
         return self.eval_loader(EvalDataset(self.split, stage, rows), collate_fn=eval_collate)
 
+    def fit_validation_rows(self) -> np.ndarray | None:
+        """Split rows validated during fit: a seeded sample of ``val_max_users`` (sorted), or
+        ``None`` for every user."""
+        self.setup()
+        n = len(self.split.users)
+        if self.val_max_users is None or self.val_max_users >= n:
+            return None
+        rng = np.random.default_rng([self.seed, 7])
+        return np.sort(rng.choice(n, size=self.val_max_users, replace=False))
+
     def val_dataloader(self) -> DataLoader:
-        return self._eval("valid", self.val_max_users)
+        trainer = self.trainer
+        fitting = trainer is not None and getattr(trainer.state.fn, "value", None) == "fit"
+        return self._eval("valid", self.fit_validation_rows() if fitting else None)
 
     def test_dataloader(self) -> DataLoader:
         return self._eval("test")

@@ -172,3 +172,23 @@ def test_lora_adapter_round_trip_through_peft(tmp_path, new_tokens):
     with torch.no_grad():
         assert torch.allclose(again.model.eval()(input_ids=x).logits,
                               model.model(input_ids=x).logits, atol=1e-5)
+
+
+def test_fit_validates_a_seeded_user_sample_and_validate_uses_every_user(tmp_path):
+    from callbacks.timing import StageTimer
+
+    scid_map().save(tmp_path / "tokenizer")
+    L.seed_everything(0, verbose=False)
+    dm = make_dm(tmp_path, val_max_users=12, group_by_length=True)
+    model = GenerativeRecommender(run_dir=str(tmp_path), backbone=TINY, lr=3e-3)
+    timer = StageTimer()
+    tr = trainer(limit_train_batches=2, max_epochs=2, callbacks=[timer])
+    tr.fit(model, datamodule=dm)
+    sample = dm.fit_validation_rows()
+    assert len(sample) == 12 and len(set(sample.tolist())) == 12
+    assert sample.tolist() == make_dm(tmp_path, val_max_users=12).fit_validation_rows().tolist()
+    assert sample.tolist() != list(range(12))               # a random sample, not the first N
+    tr.validate(model, datamodule=dm, verbose=False)
+    assert timer.eval_users == {"fit_validation": 2 * 12, "validate": MAX_USERS}
+    with pytest.raises(ValueError, match="val_max_users"):
+        make_dm(tmp_path, val_max_users=0)
