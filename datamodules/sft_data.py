@@ -254,7 +254,8 @@ class SFTDataModule(RecDataModule):
             random sample of N users, the same every epoch; ``validate`` (what the pipeline
             reports) and test always use every user. ``None``: every user throughout.
         group_by_length: batch examples of similar token length together (random groups of
-            ``50 x batch_size`` sorted by length; about a third less padding on ML-100K).
+            ``50 x batch_size`` sorted by length). On ML-100K it removes 12% of the padded
+            cells, but batches of one kind of task trained worse (README "Speed").
     """
 
     def __init__(self, *args, scid_dir: str | None = None, templates: str | None = None,
