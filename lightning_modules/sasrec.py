@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.components.artifacts import atomic_torch_save, atomic_write_json
+from lightning_modules.components.dropout import replace_dropout
 from lightning_modules.components.metrics import RankingEvaluator
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class SASRecEncoder(nn.Module):
         layer.self_attn.dropout = attn_dropout
         self.blocks = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(hidden_size)
+        replace_dropout(self)  # same p, a cheaper mask (lightning_modules.components.dropout)
         self.register_buffer("causal", torch.triu(torch.full((max_history, max_history),
                                                              float("-inf")), diagonal=1),
                              persistent=False)

@@ -56,3 +56,19 @@ def test_pretrained_backbone_presets_turn_the_tiny_models_dropout_off(capsys, mo
                         "configs/backbones/qwen2.5-0.5b.yaml", "--print_config"])
     backbone = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["backbone"]
     assert backbone["name_or_path"] == "Qwen/Qwen2.5-0.5B" and backbone["dropout"] == 0.0
+
+
+@pytest.mark.parametrize("stage", ["sasrec", "tokenizer", "sft", "dpo"])
+def test_beauty_stage_configs_compose_after_the_ml100k_ones(stage, capsys, monkeypatch):
+    """configs/beauty/<stage>.yaml holds only keys the stage accepts, and the pipeline's shared
+    overrides point every stage at the LETTER files."""
+    monkeypatch.chdir(ROOT)
+    spec = yaml.safe_load((ROOT / "configs/beauty/pipeline.yaml").read_text())
+    entry = next(s for s in spec["stages"] if s["name"] == stage)
+    with pytest.raises(SystemExit) as exit_info:
+        Align3CLI(args=["fit", "--config", entry["config"], *spec["overrides"],
+                        *[str(a) for a in entry["overrides"]], "--print_config"])
+    assert exit_info.value.code in (0, None)
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert data["dataset"] == "Beauty" and data["source"] == "lcrec_json"
+    assert data["data_dir"] == "../shared/data/Beauty"

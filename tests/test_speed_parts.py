@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from callbacks.timing import StageTimer
 from datamodules.sequential_data import SequentialDataModule, TrainWindows
 from datamodules.sft_data import LengthGroupedSampler
-from lightning_modules.components.backbone import fast_dropout
+from lightning_modules.components.dropout import FastDropout, fast_dropout, replace_dropout
 from lightning_modules.components.lm_loss import causal_lm_loss
 
 
@@ -85,6 +85,21 @@ def test_fast_dropout_is_inverted_dropout_in_training_only():
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.8))
     torch.manual_seed(0)
     assert torch.equal(fast_dropout(x, 0.2, training=True), y)  # seeded by the global stream
+
+
+def test_sasrec_dropouts_are_swapped_and_eval_is_unchanged():
+    from lightning_modules.sasrec import SASRecEncoder
+
+    enc = SASRecEncoder(num_items=30, max_history=8, hidden_size=16, num_layers=2, num_heads=2,
+                        dropout=0.5, attn_dropout=0.5)
+    kinds = {type(m) for m in enc.modules() if isinstance(m, torch.nn.Dropout)}
+    assert kinds == {FastDropout}
+    assert replace_dropout(enc) == 0                      # nothing left to swap
+    ids = torch.randint(0, 31, (3, 8))
+    enc.eval()
+    assert torch.equal(enc(ids), enc(ids))                # no dropout in eval mode
+    enc.train()
+    assert not torch.equal(enc(ids), enc(ids))
 
 
 def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
