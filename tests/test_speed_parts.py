@@ -208,3 +208,23 @@ def test_stage_timer_counts_phases_rows_tokens_and_users():
     sec = out["seconds"]
     assert sec["export"] == 0.5 and sec["fit"] >= sec["train"] > 0
     assert sec["fit"] == pytest.approx(sec["train"] + sec["fit_validation"], abs=0.02)
+
+
+def test_default_threads_follow_the_environment_then_half_the_cores(monkeypatch):
+    import os
+
+    from cli import default_threads
+
+    monkeypatch.delenv("ALIGN3GR_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert default_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert default_threads() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("ALIGN3GR_THREADS", "2")
+    assert default_threads() == 2
+    monkeypatch.setenv("ALIGN3GR_THREADS", "zero")
+    with pytest.raises(SystemExit, match="ALIGN3GR_THREADS"):
+        default_threads()
