@@ -29,7 +29,6 @@ the training step runs the policy only.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ from torch import nn
 from datamodules.preference_data import FEEDBACK_KINDS, NEGATIVE_KINDS
 from datamodules.prompts import encode_prompts
 from lightning_modules.components.artifacts import atomic_write_json
+from lightning_modules.components.decoding import attn_implementation, forward_params
 from lightning_modules.components.dpo_losses import SoftmaxDPOLoss, reward_statistics
 from lightning_modules.components.metrics import RankingEvaluator
 
@@ -98,20 +98,6 @@ def default_stages() -> list[PreferenceStage]:
             ("sp_easy", "sp_medium", "sp_hard", "rf_dislike", "rf_neutral")]
 
 
-def _forward_params(model) -> set[str]:
-    """Parameter names of the underlying causal LM's ``forward`` (peft unwrapped)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return set(inspect.signature(base.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _attn_implementation(model) -> str:
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) or "sdpa"
-
-
 def score_responses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     response_tokens: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """Summed log-probabilities of ``M`` fixed-length responses per prompt (differentiable).
@@ -136,7 +122,7 @@ def score_responses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         ``FloatTensor [B, M]``: sum over the ``L`` tokens of ``log_softmax`` over the full
         vocabulary (float32), the quantity beam search ranks by.
     """
-    impl = _attn_implementation(model)
+    impl = attn_implementation(model)
     if method == "auto":
         method = "packed" if impl in ("sdpa", "eager") else "cache"
     if method == "packed" and response_tokens.shape[2] > 1:
@@ -175,7 +161,7 @@ def _score_packed(model, input_ids, attention_mask, response_tokens, impl: str) 
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
             ~mask, torch.finfo(dtype).min)
     kwargs = {}
-    if "logits_to_keep" in _forward_params(model):
+    if "logits_to_keep" in forward_params(model):
         kwargs["logits_to_keep"] = 1 + width  # the LM head only where a response token is read
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
                    use_cache=False, return_dict=True, **kwargs).logits

@@ -32,12 +32,13 @@ except ImportError:  # pragma: no cover - older transformers: generic cache path
 
 from lightning_modules.components.trie import ItemTrie, is_member, prefix_allowed_tokens_fn
 
-__all__ = ["ItemTrie", "constrained_beam_search", "prefix_allowed_tokens_fn", "score_items"]
+__all__ = ["ItemTrie", "attn_implementation", "constrained_beam_search", "forward_params",
+           "prefix_allowed_tokens_fn", "score_items"]
 
 NEG_INF = float("-inf")
 
 
-def _forward_params(model) -> set[str]:
+def forward_params(model) -> set[str]:
     """Parameter names of the underlying causal LM's ``forward`` (unwraps peft)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
@@ -196,7 +197,7 @@ def constrained_beam_search(
         raise ValueError("num_beams must be >= 1")
     if method not in ("auto", "packed", "cache"):
         raise ValueError(f"method must be auto, packed or cache, got {method!r}")
-    impl = _attn_implementation(model)
+    impl = attn_implementation(model)
     if method == "auto":
         method = "packed" if impl in ("sdpa", "eager") else "cache"
     device = input_ids.device
@@ -217,7 +218,7 @@ def constrained_beam_search(
     with torch.inference_mode():
         # 1. encode each prompt once; positions follow the left padding (HF convention)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        params = _forward_params(model)
+        params = forward_params(model)
         log_probs, cache = _forward(model, params, input_ids, attention_mask, position_ids,
                                     None, keep_last=True)  # [B, V]
         last_pos = position_ids[:, -1]
@@ -292,7 +293,7 @@ def constrained_beam_search(
         return items, scores, tokens
 
 
-def _attn_implementation(model) -> str:
+def attn_implementation(model) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     return getattr(config, "_attn_implementation", None) or "sdpa"
