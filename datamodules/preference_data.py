@@ -19,10 +19,12 @@ A pair is ``(prompt, chosen, rejected_1..N)``:
   ``neutral``  real feedback: the user's training items rated strictly between the thresholds
   ===========  ==============================================================================
 
-Negatives are never items the user interacted with at any time (training, validation or test)
-except the rated training items that *are* the real-feedback negatives: a user's own positives
-are false negatives, and the held-out targets must never enter a training pair. That filter
-is the only use of held-out items here. Negatives from beams keep the policy's order (the
+Negatives are never items the user interacted with in the training split, except the rated
+training items that *are* the real-feedback negatives: a user's own positives are false
+negatives. Pairs are built from training-split information only: the validation and test
+targets are unknown here, so they neither shape the beam exclusions nor are filtered out of the
+negatives (filtering them would leak the held-out labels into training; the test
+``test_pairs_do_not_depend_on_held_out_targets`` checks it). Negatives from beams keep the policy's order (the
 items the policy likes most are the most informative); rated negatives the beams did not
 reach follow, most recent first.
 
@@ -187,12 +189,11 @@ class PreferenceDataModule(SFTDataModule):
         return self.split.train_ratings is not None
 
     def interacted(self, row: int) -> set[int]:
-        """Every item of the row's user (training, validation and test): never a negative."""
+        """The row's training items (never a negative). Held-out targets are not included:
+        knowing them would let the held-out labels shape the training pairs."""
         if self._interacted is None:
             s = self.split
-            self._interacted = [set(map(int, s.train_items[r])) |
-                                {int(s.valid_target[r]), int(s.test_target[r])}
-                                for r in range(len(s.users))]
+            self._interacted = [set(map(int, s.train_items[r])) for r in range(len(s.users))]
         return self._interacted[row]
 
     def feedback_items(self, row: int, kind: str) -> list[int]:
