@@ -35,6 +35,7 @@ from lightning_modules.components.artifacts import (
     read_json,
     stage_complete,
     stage_dir,
+    write_ranks,
 )
 from lightning_modules.components.report import write_reports
 
@@ -71,6 +72,12 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
     start = time.perf_counter()
     info = model.export_artifacts() if hasattr(model, "export_artifacts") else {}
     record = {**(info or {})}
+    data = trainer.datamodule
+    if getattr(model, "last_ranks", None) and getattr(data, "split", None) is not None:
+        ids = data.dataset.user_ids
+        users = data.split.users
+        record["ranks"] = write_ranks(run_dir, _stage_name(model), model.last_ranks,
+                                      [ids[int(u)] for u in users])
     if timer is not None:
         extra = {"export": time.perf_counter() - start}
         selfplay = [cb for cb in trainer.callbacks if hasattr(cb, "history")

@@ -24,9 +24,9 @@ training items that *are* the real-feedback negatives: a user's own positives ar
 negatives. Pairs are built from training-split information only: the validation and test
 targets are unknown here, so they neither shape the beam exclusions nor are filtered out of the
 negatives (filtering them would leak the held-out labels into training; the test
-``test_pairs_do_not_depend_on_held_out_targets`` checks it). Negatives from beams keep the policy's order (the
-items the policy likes most are the most informative); rated negatives the beams did not
-reach follow, most recent first.
+``test_pairs_do_not_depend_on_held_out_targets`` checks it). Negatives from beams keep the
+policy's order (the items the policy likes most are the most informative); rated negatives the
+beams did not reach follow, most recent first.
 
 The pairs of an epoch are computed by :class:`callbacks.selfplay.SelfPlayCallback` (it runs
 the policy) and handed over with :meth:`PreferenceDataModule.set_pairs`; with

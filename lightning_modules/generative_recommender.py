@@ -110,6 +110,7 @@ class GenerativeRecommender(L.LightningModule):
         self.export_on_fit_end = export_on_fit_end
         self.seed = seed
         self.evaluator = RankingEvaluator(ks, exclude_history=exclude_history)
+        self.last_ranks: dict = {}  # split -> (rows, ranks) of the latest evaluation
         self.model = None
         self.tokenizer = None
         self.scid_map: SCIDMap | None = None
@@ -311,7 +312,8 @@ class GenerativeRecommender(L.LightningModule):
         prompts = self.build_prompts(batch["rows"], "valid" if split == "valid" else "test")
         exclude = batch["exclude"] if self.exclude_history else None
         items, _ = self.recommend(prompts, exclude, self.num_beams)
-        self.evaluator.update_ranked(split, items, batch["target"].to(items.device))
+        self.evaluator.update_ranked(split, items, batch["target"].to(items.device),
+                                     rows=batch["rows"])
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "valid")
@@ -321,6 +323,7 @@ class GenerativeRecommender(L.LightningModule):
 
     def _log_split(self, split: str, prefix: str) -> None:
         metrics = self.evaluator.compute(split)
+        self.last_ranks[split] = self.evaluator.per_user(split)  # per-user ranks for export
         self.evaluator.reset(split)
         self.results[split] = metrics
         for k, v in metrics.items():

@@ -254,6 +254,7 @@ class PreferenceAligner(L.LightningModule):
         self.ks = ks
         self.exclude_history = exclude_history
         self.evaluator = RankingEvaluator(ks, exclude_history=exclude_history)
+        self.last_ranks: dict = {}  # split -> (rows, ranks) of the latest evaluation
         self.policy = None  # GenerativeRecommender, built in configure_model
         self.schedule: list[PreferenceStage] = list(stages)
         self.skipped_stages: list[str] = []
@@ -533,7 +534,8 @@ class PreferenceAligner(L.LightningModule):
         prompts = self.policy.build_prompts(batch["rows"], split)
         exclude = batch["exclude"] if self.exclude_history else None
         items, _ = self.policy.recommend(prompts, exclude, self.num_beams)
-        self.evaluator.update_ranked(split, items, batch["target"].to(items.device))
+        self.evaluator.update_ranked(split, items, batch["target"].to(items.device),
+                                     rows=batch["rows"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "valid")
@@ -543,6 +545,7 @@ class PreferenceAligner(L.LightningModule):
 
     def _log_split(self, split: str, prefix: str) -> dict[str, float]:
         metrics = self.evaluator.compute(split)
+        self.last_ranks[split] = self.evaluator.per_user(split)  # per-user ranks for export
         self.evaluator.reset(split)
         self.results[split] = metrics
         for k, v in metrics.items():

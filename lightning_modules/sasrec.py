@@ -98,6 +98,7 @@ class SASRec(L.LightningModule):
         if num_items > 0:
             self._build(num_items)
         self.evaluator = RankingEvaluator(ks, exclude_history)
+        self.last_ranks: dict = {}  # split -> (rows, ranks) of the latest evaluation
         self.run_dir = run_dir
 
     def _build(self, num_items: int) -> None:
@@ -162,10 +163,12 @@ class SASRec(L.LightningModule):
 
     def _eval_step(self, split: str, batch: dict) -> None:
         scores = self.score(batch["input_ids"])
-        self.evaluator.update_scores(split, scores, batch["targets"], batch["seen"])
+        self.evaluator.update_scores(split, scores, batch["targets"], batch["seen"],
+                                     rows=batch["rows"])
 
     def _eval_end(self, split: str, prefix: str) -> None:
         metrics = self.evaluator.compute(split)
+        self.last_ranks[split] = self.evaluator.per_user(split)  # per-user ranks for export
         self.evaluator.reset(split)
         for k, v in metrics.items():
             self.log(f"{prefix}/{k}", v, prog_bar=k == "ndcg@10", sync_dist=False)

@@ -58,3 +58,22 @@ def test_metrics_accumulate_over_batches_and_reset():
 def test_invalid_ks_rejected():
     with pytest.raises(ValueError, match="positive"):
         TopKMetrics([0, 5])
+
+
+def test_per_user_ranks_are_kept_by_row_and_cleared_by_reset():
+    import torch as _torch
+
+    from lightning_modules.components.metrics import NOT_RANKED, RankingEvaluator
+
+    ev = RankingEvaluator(ks=[1, 2])
+    ev.update_ranked("test", _torch.tensor([[3, 1, 2], [0, 5, 6]]), _torch.tensor([1, 9]),
+                     rows=_torch.tensor([4, 2]))
+    ev.update_scores("test", _torch.tensor([[0.1, 0.9, 0.5]]), _torch.tensor([2]),
+                     rows=_torch.tensor([0]))
+    rows, ranks = ev.per_user("test")
+    assert rows.tolist() == [0, 2, 4] and ranks.tolist() == [1, NOT_RANKED, 1]
+    assert ev.compute("test")["recall@2"] == pytest.approx(2 / 3)
+    ev.reset("test")
+    assert ev.per_user("test") is None
+    ev.update_ranked("valid", _torch.tensor([[1]]), _torch.tensor([1]))   # no rows: none kept
+    assert ev.per_user("valid") is None

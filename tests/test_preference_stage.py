@@ -218,6 +218,20 @@ def test_stage_configuration_errors():
                                                        "neutral"]
 
 
+def _check_ranks(stage_dir, record, num_users):
+    """ranks_<split>.npy hold one rank per user, in the raw-id order of ranks_users.json, and
+    reproduce the stage's recall/NDCG."""
+    users = json.loads((stage_dir / "ranks_users.json").read_text())
+    for split in ("valid", "test"):
+        ranks = np.load(stage_dir / f"ranks_{split}.npy")
+        assert ranks.dtype == np.int64 and len(ranks) == len(users[split]) == num_users
+        for k in (5, 10):
+            assert np.mean(ranks < k) == pytest.approx(record[split][f"recall@{k}"], abs=1e-6)
+            gain = np.where(ranks < k, 1.0 / np.log2(np.minimum(ranks, 10**9) + 2.0), 0.0)
+            assert gain.mean() == pytest.approx(record[split][f"ndcg@{k}"], abs=1e-6)
+    assert users["not_reached"] == 1 << 30
+
+
 def test_short_run_through_the_cli(run_dir, tmp_path):
     """The shipped YAML, shrunk by flags, through the pipeline's stage runner."""
     import shutil
@@ -248,6 +262,7 @@ def test_short_run_through_the_cli(run_dir, tmp_path):
         assert 0.0 <= train["rewards/accuracy"] <= 1.0 and train["loss"] > 0
     assert set(record["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
     assert json.loads((run / "dpo" / "stage.json").read_text())["per_stage"]
+    _check_ranks(run / "dpo", record, MAX_USERS)
     # The exported policy loads like the SFT export and differs from the SFT weights.
     dpo = GenerativeRecommender.from_pretrained_dir(run / "dpo" / "hf")
     sft = GenerativeRecommender.from_pretrained_dir(run / "sft" / "hf")

@@ -48,6 +48,26 @@ def test_pipeline_writes_metrics_report_logs_and_embeddings(pipeline_run):
     assert torch.isfinite(items).all() and torch.isfinite(users).all()
 
 
+def test_per_user_ranks_reproduce_the_metrics(pipeline_run):
+    import numpy as np
+
+    from datamodules.sequential_data import SequentialDataModule
+
+    dm = SequentialDataModule(max_users=120)
+    dm.load()
+    raw_ids = [str(dm.dataset.user_ids[int(u)]) for u in dm.split.users]
+    record = json.loads((pipeline_run / "sasrec" / "stage.json").read_text())
+    users = json.loads((pipeline_run / "sasrec" / "ranks_users.json").read_text())
+    assert record["ranks"] == ["ranks_valid.npy", "ranks_test.npy", "ranks_users.json"]
+    for split in ("valid", "test"):
+        ranks = np.load(pipeline_run / "sasrec" / f"ranks_{split}.npy")
+        assert len(ranks) == len(users[split]) == 120 and (ranks >= 0).all()
+        assert users[split] == raw_ids                       # raw ids, in split-row order
+        assert np.mean(ranks < 10) == pytest.approx(record[split]["recall@10"], abs=1e-6)
+        ndcg = np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean()
+        assert ndcg == pytest.approx(record[split]["ndcg@10"], abs=1e-6)
+
+
 def test_user_embeddings_encode_training_history_only(pipeline_run):
     from datamodules.base import pad_left
     from datamodules.sequential_data import SequentialDataModule

@@ -39,6 +39,41 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def atomic_save_npy(path: str | os.PathLike, array) -> Path:
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, np.asarray(array))
+    os.replace(tmp, path)
+    return path
+
+
+def write_ranks(run_dir: str | os.PathLike, stage: str, last_ranks: dict, user_ids) -> list[str]:
+    """Per-user target ranks of a stage's latest valid/test evaluation:
+    ``<stage>/ranks_<split>.npy`` (int64, one per evaluated user, ordered by split row) and
+    ``<stage>/ranks_users.json`` (the users' raw ids per split, the same order, and the value
+    that means "the ranking never reached the target"). ``user_ids[row]`` is a row's raw id.
+    Returns the written file names."""
+    from lightning_modules.components.metrics import NOT_RANKED
+
+    out, users = [], {}
+    for split in ("valid", "test"):
+        got = last_ranks.get(split)
+        if got is None:
+            continue
+        rows, ranks = got
+        atomic_save_npy(stage_dir(run_dir, stage) / f"ranks_{split}.npy", ranks.numpy())
+        users[split] = [str(user_ids[int(r)]) for r in rows.tolist()]
+        out.append(f"ranks_{split}.npy")
+    if users:
+        atomic_write_json(stage_dir(run_dir, stage) / "ranks_users.json",
+                          {"not_reached": NOT_RANKED, **users})
+        out.append("ranks_users.json")
+    return out
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:

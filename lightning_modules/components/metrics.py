@@ -51,7 +51,11 @@ def ranks_from_lists(ranked_items: torch.Tensor, target: torch.Tensor) -> torch.
 
 
 class TopKMetrics(Metric):
-    """Recall@K and NDCG@K from target ranks; ``compute()`` returns ``{"recall@5": ...}``."""
+    """Recall@K and NDCG@K from target ranks; ``compute()`` returns ``{"recall@5": ...}``.
+
+    With ``rows`` given to :meth:`update`, the per-user ranks are kept too (concatenated across
+    processes under DDP) and :meth:`per_user` returns them ordered by row.
+    """
 
     full_state_update = False
     higher_is_better = True
@@ -67,8 +71,14 @@ class TopKMetrics(Metric):
             self.add_state(f"ndcg_{k}", torch.tensor(0.0, dtype=torch.float64),
                            dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("rows", default=[], dist_reduce_fx="cat")
+        self.add_state("ranks", default=[], dist_reduce_fx="cat")
 
-    def update(self, ranks: torch.Tensor) -> None:  # type: ignore[override]
+    def update(self, ranks: torch.Tensor,  # type: ignore[override]
+               rows: torch.Tensor | None = None) -> None:
+        if rows is not None:
+            self.rows.append(torch.as_tensor(rows, device=ranks.device).long().reshape(-1))
+            self.ranks.append(ranks.long().reshape(-1))
         ranks = ranks.to(torch.float64)
         gain = 1.0 / torch.log2(ranks.clamp(max=1e9) + 2.0)
         for k in self.ks:
@@ -86,6 +96,19 @@ class TopKMetrics(Metric):
             out[f"ndcg@{k}"] = (getattr(self, f"ndcg_{k}") / n).float()
         return out
 
+    def per_user(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rows, ranks)`` (both ``LongTensor [N]``, CPU, sorted by row) of every update that
+        gave rows since the last reset, gathered across processes; ``None`` if none did.
+        Rank = candidates ranked above the target; :data:`NOT_RANKED` = never reached."""
+        with self.sync_context(should_sync=self._to_sync):   # no-op outside DDP
+            rows, ranks = self.rows, self.ranks
+            if isinstance(rows, list):
+                if not rows:
+                    return None
+                rows, ranks = torch.cat(rows), torch.cat(ranks)
+            order = torch.argsort(rows)
+            return rows[order].cpu().clone(), ranks[order].cpu().clone()
+
 
 class RankingEvaluator(torch.nn.Module):
     """The shared evaluator: one :class:`TopKMetrics` per evaluation split.
@@ -101,16 +124,21 @@ class RankingEvaluator(torch.nn.Module):
         self.metrics = torch.nn.ModuleDict({s: TopKMetrics(ks) for s in ("valid", "test")})
 
     def update_scores(self, split: str, scores: torch.Tensor, target: torch.Tensor,
-                      history: torch.Tensor | None = None) -> None:
+                      history: torch.Tensor | None = None,
+                      rows: torch.Tensor | None = None) -> None:
         exclude = history if self.exclude_history else None
-        self.metrics[split].update(ranks_from_scores(scores, target, exclude))
+        self.metrics[split].update(ranks_from_scores(scores, target, exclude), rows)
 
     def update_ranked(self, split: str, ranked_items: torch.Tensor,
-                      target: torch.Tensor) -> None:
-        self.metrics[split].update(ranks_from_lists(ranked_items, target))
+                      target: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        self.metrics[split].update(ranks_from_lists(ranked_items, target), rows)
 
     def compute(self, split: str) -> dict[str, float]:
         return {k: float(v) for k, v in self.metrics[split].compute().items()}
+
+    def per_user(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-user ``(rows, ranks)`` of the split's updates since the last reset."""
+        return self.metrics[split].per_user()
 
     def reset(self, split: str) -> None:
         self.metrics[split].reset()
