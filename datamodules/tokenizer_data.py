@@ -32,6 +32,7 @@ from datamodules.base import RecDataModule
 from datamodules.schema import DataError
 from lightning_modules.components.artifacts import read_stage, stage_dir
 from lightning_modules.components.text_encoder import TextEncoder
+from lightning_modules.components.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,15 @@ class TokenizerDataModule(RecDataModule):
         """Text embeddings ``[num_items, E]`` and ``[num_users, E]``."""
         data, split = self.dataset, self.split
         encoder = self._encoder()
-        items = encoder.encode([data.item_text(i, self.item_text_fields)
-                                for i in range(data.num_items)], desc="item texts")
-        if data.user_features is not None:
-            users = encoder.encode([data.user_text(u, self.user_text_fields)
-                                    for u in range(data.num_users)], desc="user profiles")
-        else:
+        # One thread, so the embeddings (cached afterwards) do not depend on the thread count.
+        with pinned_threads(1):
+            items = encoder.encode([data.item_text(i, self.item_text_fields)
+                                    for i in range(data.num_items)], desc="item texts")
+            users = None
+            if data.user_features is not None:
+                users = encoder.encode([data.user_text(u, self.user_text_fields)
+                                        for u in range(data.num_users)], desc="user profiles")
+        if users is None:
             # No profiles: a user reads like the mean of the texts of its training items.
             users = torch.zeros(data.num_users, items.shape[1])
             for user, hist in zip(split.users, split.train_items):

@@ -33,6 +33,7 @@ from lightning_modules.components.collisions import CollisionResolver, collision
 from lightning_modules.components.quantizer import Quantizer, code_statistics
 from lightning_modules.components.rqvae import RQVAE, mlp
 from lightning_modules.components.scid_map import ITEM_PREFIXES, USER_PREFIXES, SCIDMap
+from lightning_modules.components.threads import pinned_threads
 from lightning_modules.components.u2i_loss import U2IAlignmentLoss
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ class DualTokenizer(L.LightningModule):
         run_dir: run directory; artifacts go to ``<run_dir>/tokenizer``.
         item_input_dim, user_input_dim: input widths, filled in from the data at setup (leave
             null; they are stored so checkpoints reload without the data).
+        compute_threads: torch and faiss threads while the stage fits, evaluates and exports
+            (restored after): float sums split over another number of threads round
+            differently and the SCIDs drift apart, so a fixed number makes them independent
+            of the machine's setting. ``null`` = the process setting (not reproducible across
+            thread counts).
     """
 
     stage_name = STAGE  # the run-directory folder the CLI and the pipeline use
@@ -82,9 +88,14 @@ class DualTokenizer(L.LightningModule):
                  tokenize_users: bool = True, u2i: bool = True, temperature: float = 0.1,
                  alpha: float = 0.1, gamma: float = 1.0, lr: float = 1e-3,
                  weight_decay: float = 0.0, run_dir: str | None = None,
-                 item_input_dim: int | None = None, user_input_dim: int | None = None) -> None:
+                 item_input_dim: int | None = None, user_input_dim: int | None = None,
+                 compute_threads: int | None = 1) -> None:
         super().__init__()
+        if compute_threads is not None and compute_threads < 1:
+            raise ValueError(f"model.compute_threads must be >= 1 or null, got {compute_threads}")
         self.save_hyperparameters()
+        self.compute_threads = compute_threads
+        self._threads = None
         self.quantizer_factory = quantizer or RQVAE
         self.collisions = collisions or CollisionResolver()
         self.fused_dim = fused_dim
@@ -143,6 +154,11 @@ class DualTokenizer(L.LightningModule):
         self.data_info = dict(data_info or {})
 
     def setup(self, stage: str) -> None:
+        # Fit/validate/test compute at `compute_threads` threads (restored in teardown), so the
+        # SCIDs are the same whatever the process's thread setting.
+        if self._threads is None:
+            self._threads = pinned_threads(self.compute_threads)
+            self._threads.__enter__()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "tokenizer_inputs"):
             raise TypeError("DualTokenizer needs a datamodule with tokenizer_inputs() "
@@ -268,8 +284,17 @@ class DualTokenizer(L.LightningModule):
         return {**hp, "quantizer": next(iter(self.quantizers.values())).config,
                 "collisions": self.collisions.config()}
 
+    def teardown(self, stage: str) -> None:
+        if self._threads is not None:
+            self._threads.__exit__(None, None, None)
+            self._threads = None
+
     @torch.no_grad()
     def export_artifacts(self) -> dict:
+        with pinned_threads(self.compute_threads):
+            return self._export_artifacts()
+
+    def _export_artifacts(self) -> dict:
         """Final unique SCIDs of all items (and users) → ``<run_dir>/tokenizer/``.
 
         Writes ``scid_map.json`` (:class:`SCIDMap`) and ``codebook_stats.json``. Returns the

@@ -341,3 +341,29 @@ def _ddp_worker(run_dir: Path) -> None:
 
 if __name__ == "__main__":
     _ddp_worker(Path(sys.argv[1]))
+
+
+def _stage_codes(run_dir: Path, threads: int, extra: list[str]) -> dict:
+    from cli import run_stage
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_stage("tokenizer", str(ROOT / "configs" / "ml100k" / "tokenizer.yaml"), run_dir, [
+            f"--data.init_args.max_users={USERS}", "--data.init_args.features=collaborative",
+            "--trainer.max_epochs=6", "--trainer.limit_train_batches=6",
+            "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--trainer.logger=false", *extra])
+    finally:
+        torch.set_num_threads(old)
+    return json.loads((run_dir / "tokenizer" / "scid_map.json").read_text())
+
+
+def test_scids_do_not_depend_on_the_thread_count(tmp_path):
+    """The shipped tokenizer config, run at 1 and at 2 torch threads: identical SCID maps (the
+    stage computes at its own `compute_threads`)."""
+    maps = [_stage_codes(fake_sasrec(tmp_path / f"t{t}"), t, []) for t in (1, 2)]
+    assert maps[0]["items"]["codes"] == maps[1]["items"]["codes"]
+    assert maps[0]["users"]["codes"] == maps[1]["users"]["codes"]
+    with pytest.raises(ValueError, match="compute_threads"):
+        DualTokenizer(compute_threads=0)
