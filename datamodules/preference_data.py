@@ -371,5 +371,7 @@ class PreferenceDataModule(SFTDataModule):
             log.warning("the %r pairs of this epoch are empty: no prompt had a negative of that "
                         "kind (raise the beam width or prompts_per_user); the epoch is skipped",
                         self.pairs.kind)
-        return DataLoader(PairDataset(self.pairs), batch_size=self.batch_size, shuffle=True,
-                          collate_fn=collate_pairs, num_workers=self.num_workers)
+        # An empty epoch trains nothing (a shuffling sampler would refuse zero samples).
+        return DataLoader(PairDataset(self.pairs), batch_size=self.batch_size,
+                          shuffle=len(self.pairs) > 0, collate_fn=collate_pairs,
+                          num_workers=self.num_workers)

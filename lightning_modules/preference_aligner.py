@@ -452,6 +452,9 @@ class PreferenceAligner(L.LightningModule):
             return
         record = self.per_stage.setdefault(stage.name, {})
         record.setdefault("pairs", {})[str(epoch)] = dict(pairs.stats)
+        if len(pairs) == 0:
+            # Recorded per epoch; the stage counts as skipped when none of its epochs had pairs.
+            record.setdefault("empty_epochs", []).append(int(epoch))
         for key, value in pairs.stats.items():
             self.log(f"pairs/{stage.name}/{key}", float(value), on_step=False, on_epoch=True,
                      batch_size=1)
@@ -588,6 +591,10 @@ class PreferenceAligner(L.LightningModule):
                 "stage": asdict(stage), "valid": rec.get("valid", {}),
                 "valid_epoch": rec.get("epoch"), "train": rec.get("train", {})})
             per_stage[stage.name] = {"valid": rec.get("valid", {})}
+            if len(rec.get("empty_epochs", [])) >= stage.epochs:
+                per_stage[stage.name]["skipped"] = (
+                    f"no pairs: no prompt had a {stage.negatives!r} negative in any of its "
+                    f"{stage.epochs} epoch(s); the curriculum went on")
         self.policy.export_artifacts(out_dir=out / "hf")
         record = {
             "dataset": getattr(getattr(self.policy.prompts, "dataset", None), "name", None),

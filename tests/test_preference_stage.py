@@ -330,3 +330,32 @@ def test_sampling_is_deterministic_per_epoch_and_can_favour_recent_positions(run
     dm.recent_positions = 3
     for spec in dm.sample_specs(4, "easy"):
         assert spec.position >= len(dm.split.train_items[spec.row]) - 3
+
+
+def test_a_stage_without_pairs_is_skipped_and_recorded(run_dir, tmp_path, monkeypatch):
+    """An epoch whose pairs are empty trains nothing (no crash), the curriculum goes on, and
+    the stage is marked skipped in the stage record."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "tokenizer", run / "tokenizer")
+    shutil.copytree(run_dir / "sft", run / "sft")
+    dm, model = _connected(run, stages=[{"name": "sp_easy"}, {"name": "sp_hard"}])
+    original = dm.build_pairs
+
+    def no_hard_pairs(specs, kind, candidates=None, epoch=0):
+        pairs = original(specs, kind, candidates, epoch=epoch)
+        if kind == "hard":
+            keep = []
+            pairs = dataclasses.replace(pairs, specs=keep, prompts=keep,
+                                        chosen=pairs.chosen[:0], rejected=pairs.rejected[:0])
+        return pairs
+
+    monkeypatch.setattr(dm, "build_pairs", no_hard_pairs)
+    trainer = _trainer([SelfPlayCallback(num_beams=20, batch_size=16, progress_bar=False)],
+                       limit_val_batches=1)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.current_epoch == 2                      # both epochs ran
+    record = model.export_artifacts()
+    assert "skipped" in record["per_stage"]["sp_hard"]
+    assert "skipped" not in record["per_stage"]["sp_easy"]
