@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -54,6 +53,7 @@ from lightning_modules.components.backbone import (
 from lightning_modules.components.decoding import ItemTrie, constrained_beam_search
 from lightning_modules.components.lm_loss import causal_lm_loss
 from lightning_modules.components.metrics import RankingEvaluator
+from lightning_modules.components.schedules import warmup_cosine
 from lightning_modules.components.scid_map import SCIDMap, load_scid_map
 
 log = logging.getLogger(__name__)
@@ -294,18 +294,9 @@ class GenerativeRecommender(L.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=self.lr, betas=(0.9, 0.98))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(self.warmup_ratio * total))
-        floor = self.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, total, self.warmup_ratio,
+                                                                self.min_lr_ratio)}
 
     # -- evaluation -------------------------------------------------------------------------
     def _eval_step(self, batch, split: str) -> None:

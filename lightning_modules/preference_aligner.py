@@ -30,7 +30,6 @@ the training step runs the policy only.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ from lightning_modules.components.artifacts import atomic_write_json
 from lightning_modules.components.decoding import attn_implementation, forward_params
 from lightning_modules.components.dpo_losses import SoftmaxDPOLoss, reward_statistics
 from lightning_modules.components.metrics import RankingEvaluator
+from lightning_modules.components.schedules import warmup_cosine_factor
 
 log = logging.getLogger(__name__)
 
@@ -469,13 +469,7 @@ class PreferenceAligner(L.LightningModule):
         per_epoch = max(1, int(self.trainer.num_training_batches))
         total = stage.epochs * per_epoch
         step = (self.current_epoch - first) * per_epoch + batch_idx
-        warmup = max(1, int(self.warmup_ratio * total))
-        if step < warmup:
-            factor = (step + 1) / warmup
-        else:
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            factor = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress))
+        factor = warmup_cosine_factor(step, total, self.warmup_ratio, self.min_lr_ratio)
         for opt in self.trainer.optimizers:
             for group in opt.param_groups:
                 group["lr"] = stage.lr * factor

@@ -9,7 +9,6 @@ the tokenizer stage.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +19,7 @@ from torch import nn
 from lightning_modules.components.artifacts import atomic_torch_save, atomic_write_json
 from lightning_modules.components.dropout import replace_dropout
 from lightning_modules.components.metrics import RankingEvaluator
+from lightning_modules.components.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +138,9 @@ class SASRec(L.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.get("lr_schedule", "constant") == "constant":
             return opt
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(hp.warmup_ratio * total))
-        floor = hp.min_lr_ratio
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": opt,
+                "lr_scheduler": warmup_cosine(opt, total, hp.warmup_ratio, hp.min_lr_ratio)}
 
     # -- scoring ----------------------------------------------------------------------------
     @torch.no_grad()
