@@ -205,6 +205,10 @@ def pipeline(argv: list[str]) -> int:
             log.warning("stage %s: complete in %s, skipped", name, stage_dir(run_dir, name))
             continue
         log.warning("stage %s: running %s", name, config)
+        marker = stage_dir(run_dir, name) / "stage.json"
+        if marker.exists() and rank0:
+            # Re-run (--force): the stage is not complete again until its new stage.json.
+            marker.unlink()
         composed = [x for extra in args.stage_config for x in ("--config", extra)]
         run_stage(name, config, run_dir,
                   composed + shared + [str(a) for a in stage.get("overrides", [])] + passthrough)

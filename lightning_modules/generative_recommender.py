@@ -328,7 +328,9 @@ class GenerativeRecommender(L.LightningModule):
 
     def on_test_end(self) -> None:
         if self.run_dir and self.trainer.is_global_zero:
-            self._write_metrics()
+            # metrics.json always; stage.json only to update a stage already exported (the
+            # completion marker must never come before the HF folder).
+            self._write_metrics(complete=(Path(self.run_dir) / STAGE / "stage.json").exists())
 
     # -- prediction -------------------------------------------------------------------------
     def predict_step(self, batch, batch_idx):
@@ -460,8 +462,9 @@ class GenerativeRecommender(L.LightningModule):
             state[k] = v
         base.save_pretrained(path, state_dict=state)
 
-    def _write_metrics(self, extra: dict | None = None) -> dict:
-        """``sft/metrics.json`` and ``sft/stage.json`` from the latest results."""
+    def _write_metrics(self, extra: dict | None = None, complete: bool = True) -> dict:
+        """``sft/metrics.json`` (and, with ``complete``, ``sft/stage.json``) from the latest
+        results."""
         out = {"dataset": getattr(self.prompts.dataset, "name", None) if self.prompts else None,
                "num_items": self.scid_map.num_items,
                "num_users": int(len(self._split.users)) if self._split is not None else None}
@@ -474,11 +477,13 @@ class GenerativeRecommender(L.LightningModule):
                            "ks": self.ks}
         stage_dir = Path(self.run_dir) / STAGE
         previous = {}
-        if (stage_dir / "stage.json").exists():
-            previous = json.loads((stage_dir / "stage.json").read_text())
+        for name in ("metrics.json", "stage.json"):
+            if (stage_dir / name).exists():
+                previous = {**previous, **json.loads((stage_dir / name).read_text())}
         merged = {**previous, **out, **(extra or {})}
         atomic_write_json(stage_dir / "metrics.json", merged)
-        mark_stage_complete(self.run_dir, STAGE, merged)
+        if complete:
+            mark_stage_complete(self.run_dir, STAGE, merged)
         return merged
 
     # -- loading ----------------------------------------------------------------------------

@@ -192,3 +192,28 @@ def test_fit_validates_a_seeded_user_sample_and_validate_uses_every_user(tmp_pat
     assert timer.eval_users == {"fit_validation": 2 * 12, "validate": MAX_USERS}
     with pytest.raises(ValueError, match="val_max_users"):
         make_dm(tmp_path, val_max_users=0)
+
+
+def test_a_kill_before_the_export_leaves_the_stage_incomplete(tmp_path, monkeypatch):
+    """Through the pipeline's stage runner: when the export dies after fit/validate/test, no
+    stage.json claims the stage complete (the test loop writes metrics.json only)."""
+    from pathlib import Path
+
+    from cli import run_stage
+
+    scid_map().save(tmp_path / "tokenizer")
+    config = Path(__file__).resolve().parent.parent / "configs" / "ml100k" / "sft.yaml"
+    flags = [f"--data.init_args.max_users={MAX_USERS}", "--trainer.max_epochs=1",
+             "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+             "--trainer.limit_test_batches=1", "--trainer.accelerator=cpu",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             *[f"--model.init_args.backbone.{k}={v}" for k, v in TINY.items()]]
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt("killed during export")
+
+    monkeypatch.setattr(GenerativeRecommender, "export_artifacts", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("sft", str(config), tmp_path, flags)
+    assert (tmp_path / "sft" / "metrics.json").exists()
+    assert not (tmp_path / "sft" / "stage.json").exists()
