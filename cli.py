@@ -250,8 +250,30 @@ def default_threads() -> int:
     return max(1, min(4, (cores or 1) // 2))
 
 
+USAGE = """usage: cli.py SUBCOMMAND [options]
+
+subcommands:
+  fit        train one stage from a YAML (--config configs/<dataset>/<stage>.yaml)
+  validate   evaluate a stage's model on the validation split (--ckpt_path ...)
+  test       evaluate a stage's model on the test split (--ckpt_path ...)
+  predict    write top-k recommendations with a stage's model (--ckpt_path ...)
+  pipeline   run every stage of a pipeline YAML into one run directory (the main job)
+
+examples:
+  python cli.py pipeline --config configs/ml100k/pipeline.yaml --run_dir runs/ml100k
+  python cli.py fit --config configs/ml100k/sasrec.yaml --trainer.devices 2 --trainer.strategy ddp
+  python cli.py SUBCOMMAND --help     options of one subcommand
+
+CPU threads: half the usable cores (at most 4) unless ALIGN3GR_THREADS or OMP_NUM_THREADS is set.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
@@ -260,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("torch CPU threads: %d (ALIGN3GR_THREADS or OMP_NUM_THREADS to change)", threads)
     if argv and argv[0] == "pipeline":
         return pipeline(argv[1:])
-    Align3CLI(args=argv)
+    # From the command line LightningCLI reads sys.argv itself (passing it too makes it warn).
+    Align3CLI(args=None if from_command_line else argv)
     return 0
 
 
