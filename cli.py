@@ -157,6 +157,10 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str]) -> dict |
     return export_stage(trainer, model, time.perf_counter() - start, valid, test, timer)
 
 
+PIPELINE_KEYS = frozenset({"dataset", "run_dir", "overrides", "stages"})
+STAGE_KEYS = frozenset({"name", "config", "overrides"})
+
+
 def pipeline(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cli.py pipeline",
@@ -182,9 +186,22 @@ def pipeline(argv: list[str]) -> int:
     if not cfg_path.exists():
         parser.error(f"{cfg_path}: no such pipeline config")
     spec = yaml.safe_load(cfg_path.read_text()) or {}
+    if not isinstance(spec, dict):
+        parser.error(f"{cfg_path}: expected a mapping with {sorted(PIPELINE_KEYS)}")
+    unknown = sorted(set(spec) - PIPELINE_KEYS)
+    if unknown:
+        parser.error(f"{cfg_path}: unknown key(s) {unknown}; a pipeline YAML accepts "
+                     f"{sorted(PIPELINE_KEYS)}")
     stages = spec.get("stages")
-    if not stages:
+    if not stages or not isinstance(stages, list):
         parser.error(f"{cfg_path}: expected a non-empty 'stages' list")
+    for i, entry in enumerate(stages):
+        if not isinstance(entry, dict) or "name" not in entry or "config" not in entry:
+            parser.error(f"{cfg_path}: stages[{i}] must be a mapping with 'name' and 'config'")
+        bad = sorted(set(entry) - STAGE_KEYS)
+        if bad:
+            parser.error(f"{cfg_path}: stage '{entry['name']}' has unknown key(s) {bad}; a "
+                         f"stage entry accepts {sorted(STAGE_KEYS)}")
     run_dir = Path(args.run_dir or spec.get("run_dir") or "runs/default")
     wanted = set(args.stages.split(",")) if args.stages else None
     shared = [str(a) for a in spec.get("overrides", [])]

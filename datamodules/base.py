@@ -49,6 +49,14 @@ class RecDataModule(L.LightningDataModule):
                  eval_batch_size: int = 256, num_workers: int = 0,
                  run_dir: str | None = None, seed: int = 42) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("max_history", max_history)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be an integer >= 1, got {value!r}")
+        if max_users is not None and (not isinstance(max_users, int) or max_users < 1):
+            raise ValueError(f"data.max_users must be an integer >= 1 or null, got {max_users!r}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers!r}")
         self.dataset_name = dataset
         self.source = source
         self.data_dir = data_dir

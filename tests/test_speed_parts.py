@@ -229,11 +229,3 @@ def test_default_threads_follow_the_environment_then_half_the_cores(monkeypatch)
     with pytest.raises(SystemExit, match="ALIGN3GR_THREADS"):
         default_threads()
 
-
-def test_top_level_help_lists_every_subcommand(capsys):
-    from cli import main
-
-    assert main(["--help"]) == 0
-    out = capsys.readouterr().out
-    for sub in ("fit", "validate", "test", "predict", "pipeline"):
-        assert f"\n  {sub} " in out
