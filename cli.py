@@ -275,6 +275,7 @@ subcommands:
   test       evaluate a stage's model on the test split (--ckpt_path ...)
   predict    write top-k recommendations with a stage's model (--ckpt_path ...)
   pipeline   run every stage of a pipeline YAML into one run directory (the main job)
+  experiment run the rows of an experiment YAML with several seeds; intervals, paired tests
 
 examples:
   python cli.py pipeline --config configs/ml100k/pipeline.yaml --run_dir runs/ml100k
@@ -283,6 +284,97 @@ examples:
 
 CPU threads: half the usable cores (at most 4) unless ALIGN3GR_THREADS or OMP_NUM_THREADS is set.
 """
+
+
+EXPERIMENT_KEYS = frozenset({"name", "seeds", "reference", "rows", "resamples"})
+ROW_KEYS = frozenset({"name", "pipeline", "stages", "compare", "flags"})
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                              check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def experiment(argv: list[str]) -> int:
+    """Rows x seeds of pipeline runs, then intervals over seeds and paired tests (see
+    ``lightning_modules.components.experiment``)."""
+    from lightning_modules.components.artifacts import atomic_write_json, atomic_write_text
+    from lightning_modules.components.experiment import (
+        collect_results,
+        plot_means,
+        render_markdown,
+        run_dir_of,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="cli.py experiment",
+        description="Run every row of an experiment YAML with several seeds; write "
+                    "results.json, results.md and a plot. Killed runs resume.")
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--out", required=True, help="experiment directory")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="number of seeds (default: the YAML's, else 3)")
+    parser.add_argument("--rows", default=None, help="comma-separated subset of rows")
+    args, passthrough = parser.parse_known_args(argv)
+    stage_flags = ("--trainer.", "--model.", "--data.")
+    bad = [a for a in passthrough
+           if a.startswith("--") and not a.split("=")[0].startswith(stage_flags)]
+    if bad:
+        parser.error(f"unknown experiment arguments {bad}; stage flags must start with "
+                     "--trainer., --model. or --data.")
+    path = Path(args.config)
+    if not path.exists():
+        parser.error(f"{path}: no such experiment config")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(spec) - EXPERIMENT_KEYS) if isinstance(spec, dict) else ["<not a map>"]
+    if unknown:
+        parser.error(f"{path}: unknown key(s) {unknown}; accepted: {sorted(EXPERIMENT_KEYS)}")
+    rows = spec.get("rows") or []
+    if not rows:
+        parser.error(f"{path}: expected a non-empty 'rows' list")
+    for row in rows:
+        extra = sorted(set(row) - ROW_KEYS)
+        if extra or "name" not in row or "pipeline" not in row:
+            parser.error(f"{path}: row {row.get('name', '?')!r} needs 'name' and 'pipeline' "
+                         f"(accepted keys {sorted(ROW_KEYS)}; unknown: {extra})")
+        pipe = yaml.safe_load(Path(row["pipeline"]).read_text())
+        names = [s["name"] for s in pipe["stages"]]
+        row.setdefault("stages", names)
+        row["compare"] = row.get("compare") or row["stages"][-1]
+    if args.rows:
+        wanted = args.rows.split(",")
+        missing = sorted(set(wanted) - {r["name"] for r in rows})
+        if missing:
+            parser.error(f"--rows {missing} not in {path}")
+        rows = [r for r in rows if r["name"] in wanted]
+    n_seeds = args.seeds or int(spec.get("seeds", 3))
+    seeds = list(range(n_seeds))
+    reference = spec.get("reference") or rows[0]["name"]
+    out = Path(args.out)
+    for row in rows:
+        for seed in seeds:
+            run = run_dir_of(out, row["name"], seed)
+            log.warning("experiment: row %s, seed %d -> %s", row["name"], seed, run)
+            pipeline(["--config", row["pipeline"], "--run_dir", str(run),
+                      "--stages", ",".join(row["stages"]), f"--seed_everything={seed}",
+                      f"--data.init_args.seed={seed}",
+                      *[str(f) for f in row.get("flags", [])], *passthrough])
+    results = collect_results(out, {**spec, "reference": reference}, rows, seeds,
+                              resamples=int(spec.get("resamples", 1000)))
+    first = run_dir_of(out, rows[0]["name"], seeds[0]) / "metrics.json"
+    results["protocol"] = read_json(first).get("protocol") if first.exists() else None
+    results["commit"] = _git_commit()
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", render_markdown(results))
+    plot = plot_means(results, out / "results.png")
+    print(f"results: {out / 'results.json'}\nreport:  {out / 'results.md'}"
+          + (f"\nplot:    {plot}" if plot else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("torch CPU threads: %d (ALIGN3GR_THREADS or OMP_NUM_THREADS to change)", threads)
     if argv and argv[0] == "pipeline":
         return pipeline(argv[1:])
+    if argv and argv[0] == "experiment":
+        return experiment(argv[1:])
     # From the command line LightningCLI reads sys.argv itself (passing it too makes it warn).
     Align3CLI(args=None if from_command_line else argv)
     return 0

@@ -1,0 +1,155 @@
+"""Results of a multi-seed experiment: per-seed metrics, intervals, paired tests, report, plot.
+
+An experiment directory holds one pipeline run per row and seed,
+``<out>/runs/<row>/seed<k>/`` (see ``cli.py experiment``). :func:`collect_results` reads each
+run's compared stage (``stage.json`` and ``ranks_<split>.npy``) and computes, per row, split and
+metric, the per-seed values with a t-interval over seeds, and against the reference row the
+paired bootstrap over test users with the seeds pooled (the same seed of both rows is paired:
+same split, same users).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lightning_modules.components.artifacts import read_json, stage_complete, stage_dir
+from lightning_modules.components.statistics import (
+    paired_bootstrap,
+    per_user_metrics,
+    t_interval,
+)
+
+SPLITS = ("valid", "test")
+
+
+def run_dir_of(out: Path, row: str, seed: int) -> Path:
+    return Path(out) / "runs" / row / f"seed{seed}"
+
+
+def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
+                    resamples: int = 1000) -> dict:
+    """``results.json`` content; rows whose compared stage is missing for a seed are listed
+    under ``incomplete`` and left out of the statistics."""
+    out = Path(out)
+    reference = spec.get("reference") or rows[0]["name"]
+    table, ranks, incomplete = {}, {}, []
+    for row in rows:
+        name, stage = row["name"], row["compare"]
+        per_seed, rank_files = {}, {}
+        for seed in seeds:
+            run = run_dir_of(out, name, seed)
+            if not stage_complete(run, stage):
+                incomplete.append({"row": name, "seed": seed, "stage": stage})
+                continue
+            record = read_json(stage_dir(run, stage) / "stage.json")
+            per_seed[seed] = record
+            path = stage_dir(run, stage) / "ranks_test.npy"
+            if path.exists():
+                rank_files[seed] = np.load(path)
+        if not per_seed:
+            continue
+        entry = {"stage": stage, "seeds": sorted(per_seed)}
+        for split in SPLITS:
+            metrics = sorted({m for r in per_seed.values() for m in (r.get(split) or {})})
+            entry[split] = {m: t_interval([per_seed[s][split][m] for s in sorted(per_seed)
+                                           if m in (per_seed[s].get(split) or {})])
+                            for m in metrics}
+        table[name] = entry
+        ranks[name] = rank_files
+    comparisons = {}
+    if reference in ranks:
+        for name, rank_files in ranks.items():
+            if name == reference:
+                continue
+            common = sorted(set(rank_files) & set(ranks[reference]))
+            if not common:
+                continue
+            if any(len(rank_files[s]) != len(ranks[reference][s]) for s in common):
+                raise ValueError(f"rows {name} and {reference} ranked different user sets")
+            ks = _ks(table[name])
+            mine = [per_user_metrics(rank_files[s], ks) for s in common]
+            ref = [per_user_metrics(ranks[reference][s], ks) for s in common]
+            comparisons[name] = {
+                metric: paired_bootstrap(np.concatenate([m[metric] for m in mine]),
+                                         np.concatenate([r[metric] for r in ref]),
+                                         resamples=resamples, seed=0)
+                for metric in mine[0]}
+            comparisons[name]["seeds"] = common
+    return {"name": spec.get("name", ""), "reference": reference, "seeds": seeds,
+            "rows": table, "paired_vs_reference": comparisons, "incomplete": incomplete}
+
+
+def _ks(entry: dict) -> list[int]:
+    return sorted({int(m.split("@")[1]) for m in entry.get("test", {}) if "@" in m}) or [5, 10]
+
+
+def _cell(stat: dict) -> str:
+    if stat["half_width"] is None:
+        return f"{stat['mean']:.4f}"
+    return f"{stat['mean']:.4f} ± {stat['half_width']:.4f}"
+
+
+def render_markdown(results: dict) -> str:
+    rows = results["rows"]
+    metrics = sorted({m for e in rows.values() for m in e.get("test", {})})
+    n = len(results["seeds"])
+    lines = [f"# {results['name'] or 'Experiment'}", "",
+             f"Mean ± 95% half-width over seeds ({n} seed{'s' if n != 1 else ''}: "
+             f"{', '.join(map(str, results['seeds']))}). Δ = paired difference against "
+             f"**{results['reference']}** over test users (seeds pooled, bootstrap 95% "
+             "interval, p-value); **bold** where the interval excludes 0.", ""]
+    for split in SPLITS:
+        lines += [f"## {split}", "", "| row | stage | " + " | ".join(metrics) + " |",
+                  "|---|---|" + "---|" * len(metrics)]
+        for name, entry in rows.items():
+            cells = [_cell(entry[split][m]) if m in entry.get(split, {}) else "—"
+                     for m in metrics]
+            lines.append(f"| {name} | {entry['stage']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    comps = results["paired_vs_reference"]
+    if comps:
+        lines += [f"## test: difference against {results['reference']}", "",
+                  "| row | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for name, comp in comps.items():
+            cells = []
+            for m in metrics:
+                c = comp.get(m)
+                if c is None:
+                    cells.append("—")
+                    continue
+                text = (f"{c['mean_diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] "
+                        f"p={c['p_value']:.3f}")
+                cells.append(f"**{text}**" if c["excludes_zero"] else text)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if results["incomplete"]:
+        lines += ["Incomplete runs (left out): " + ", ".join(
+            f"{i['row']}/seed{i['seed']} ({i['stage']})" for i in results["incomplete"]), ""]
+    return "\n".join(lines)
+
+
+def plot_means(results: dict, path: Path, metric: str = "ndcg@10") -> Path | None:
+    """Bar chart of the rows' test means of ``metric`` with their 95% intervals (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(n, e["test"][metric]) for n, e in results["rows"].items()
+            if metric in e.get("test", {})]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 1), 3.2), dpi=120)
+    means = [s["mean"] for _, s in rows]
+    errs = [s["half_width"] or 0.0 for _, s in rows]
+    ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color="#4C72B0")
+    ax.set_xticks(range(len(rows)), [n for n, _ in rows], rotation=20, ha="right")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"{results['name'] or 'experiment'}: mean ± 95% interval")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,93 @@
+"""Experiment statistics against hand-computed values, and a 2-row x 2-seed slice experiment
+through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_modules.components.statistics import (
+    paired_bootstrap,
+    per_user_metrics,
+    t_interval,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_t_interval_by_hand():
+    out = t_interval([0.1, 0.2, 0.3])
+    assert out["mean"] == pytest.approx(0.2) and out["std"] == pytest.approx(0.1)
+    # t_{0.975, 2} = 4.302653; half-width = t * s / sqrt(n)
+    assert out["half_width"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert out["low"] == pytest.approx(0.2 - out["half_width"])
+    single = t_interval([0.5])
+    assert single["mean"] == 0.5 and single["half_width"] is None
+
+
+def test_per_user_metrics_from_ranks():
+    m = per_user_metrics([0, 3, 9, 1 << 30], ks=(5, 10))
+    assert m["recall@5"].tolist() == [1, 1, 0, 0] and m["recall@10"].tolist() == [1, 1, 1, 0]
+    assert m["ndcg@10"].tolist() == pytest.approx([1.0, 1 / math.log2(5), 1 / math.log2(11), 0])
+
+
+def test_paired_bootstrap_by_hand():
+    same = paired_bootstrap([0.0, 1.0, 0.5], [0.0, 1.0, 0.5], resamples=200)
+    assert same["mean_diff"] == 0 and same["low"] == same["high"] == 0
+    assert same["p_value"] == 1.0 and not same["excludes_zero"]
+    shifted = paired_bootstrap([0.3, 0.4, 0.5, 0.6], [0.1, 0.2, 0.3, 0.4], resamples=200)
+    assert shifted["mean_diff"] == pytest.approx(0.2)
+    assert shifted["low"] == pytest.approx(0.2) and shifted["high"] == pytest.approx(0.2)
+    assert shifted["p_value"] == pytest.approx(2 / 201) and shifted["excludes_zero"]
+    # The resampling itself, recomputed by hand from the same seeded index draws.
+    a, b = np.array([1.0, 0, 0, 1, 1, 0]), np.array([0.0, 0, 1, 0, 1, 0])
+    got = paired_bootstrap(a, b, resamples=500, seed=3)
+    idx = np.random.default_rng(3).integers(0, 6, size=(500, 6))
+    boot = (a - b)[idx].mean(axis=1)
+    assert got["low"] == pytest.approx(np.quantile(boot, 0.025))
+    assert got["high"] == pytest.approx(np.quantile(boot, 0.975))
+    below, above = (np.sum(boot <= 0) + 1) / 501, (np.sum(boot >= 0) + 1) / 501
+    assert got["p_value"] == pytest.approx(min(1.0, 2 * min(below, above)))
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 2.0])
+
+
+def test_slice_experiment_two_rows_two_seeds(tmp_path):
+    out = tmp_path / "exp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "cli.py", "experiment", "--config",
+            "configs/experiments/sasrec_width.yaml", "--out", str(out), "--seeds", "2",
+            "--data.init_args.max_users=60", "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1] and res["reference"] == "sasrec_64" and res["commit"]
+    assert res["protocol"]["ks"] == [5, 10] and not res["incomplete"]
+    for row in ("sasrec_64", "sasrec_32"):
+        stat = res["rows"][row]["test"]["ndcg@10"]
+        assert len(stat["values"]) == 2 and stat["half_width"] is not None
+        per_seed = [json.loads((out / "runs" / row / f"seed{s}" / "sasrec" / "stage.json")
+                               .read_text())["test"]["ndcg@10"] for s in (0, 1)]
+        assert stat["values"] == pytest.approx(per_seed)
+    comp = res["paired_vs_reference"]["sasrec_32"]
+    assert comp["ndcg@10"]["users"] == 2 * 60 and comp["seeds"] == [0, 1]
+    means = [res["rows"][r]["test"]["ndcg@10"]["mean"] for r in ("sasrec_32", "sasrec_64")]
+    assert comp["ndcg@10"]["mean_diff"] == pytest.approx(means[0] - means[1], abs=1e-6)
+    assert "| sasrec_32 |" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The seeds differ: the two seeds' runs are not copies of each other.
+    a, b = (np.load(out / "runs" / "sasrec_64" / f"seed{s}" / "sasrec" / "ranks_test.npy")
+            for s in (0, 1))
+    assert not np.array_equal(a, b)
+    # Resume: a second call recomputes nothing (every stage is complete) and gives the same.
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "skipped" in again.stderr
+    assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
