@@ -91,9 +91,14 @@ def _cell(stat: dict) -> str:
     return f"{stat['mean']:.4f} ± {stat['half_width']:.4f}"
 
 
+def _metric_order(name: str) -> tuple:
+    kind, _, k = name.partition("@")
+    return (kind != "recall", kind, int(k) if k.isdigit() else 0)
+
+
 def render_markdown(results: dict) -> str:
     rows = results["rows"]
-    metrics = sorted({m for e in rows.values() for m in e.get("test", {})})
+    metrics = sorted({m for e in rows.values() for m in e.get("test", {})}, key=_metric_order)
     n = len(results["seeds"])
     lines = [f"# {results['name'] or 'Experiment'}", "",
              f"Mean ± 95% half-width over seeds ({n} seed{'s' if n != 1 else ''}: "
