@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from callbacks.selfplay import SelfPlayCallback
 from callbacks.timing import StageTimer
 from lightning_modules.components.artifacts import (
     mark_stage_complete,
@@ -80,8 +81,7 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
                                       [ids[int(u)] for u in users])
     if timer is not None:
         extra = {"export": time.perf_counter() - start}
-        selfplay = [cb for cb in trainer.callbacks if hasattr(cb, "history")
-                    and isinstance(cb.history, list)]
+        selfplay = [cb for cb in trainer.callbacks if isinstance(cb, SelfPlayCallback)]
         if selfplay:
             extra["selfplay"] = sum(float(h.get("seconds", 0.0)) for cb in selfplay
                                     for h in cb.history)
@@ -248,10 +248,10 @@ def default_threads() -> int:
     """Torch CPU threads of a run: ``$ALIGN3GR_THREADS``, else ``$OMP_NUM_THREADS``, else half
     the usable cores (at most 4).
 
-    The CPU models of the default configs are small: a second intra-op thread gains little
-    (README "Speed"), and threads that spin on cores shared with other processes made steps
-    up to 5x slower on a busy 2-core machine. Half the cores leaves room for data loading and
-    other jobs; set either variable to use more.
+    On an idle 2-core machine a second intra-op thread made an sft step 1.8x faster, but
+    threads that spin on cores shared with other processes made steps up to 5x slower on a
+    busy one (README "CPU note"). Half the cores is the compromise that leaves room for other
+    jobs; set either variable to use more.
     """
     for var in ("ALIGN3GR_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(var)

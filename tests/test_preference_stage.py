@@ -263,6 +263,8 @@ def test_short_run_through_the_cli(run_dir, tmp_path):
     assert set(record["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
     assert json.loads((run / "dpo" / "stage.json").read_text())["per_stage"]
     _check_ranks(run / "dpo", record, MAX_USERS)
+    timing = record["timing"]["seconds"]     # self-play generation is timed apart from training
+    assert timing["selfplay"] > 0 and timing["fit"] >= timing["train"] + timing["selfplay"]
     # The exported policy loads like the SFT export and differs from the SFT weights.
     dpo = GenerativeRecommender.from_pretrained_dir(run / "dpo" / "hf")
     sft = GenerativeRecommender.from_pretrained_dir(run / "sft" / "hf")
