@@ -157,6 +157,33 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str]) -> dict |
     return export_stage(trainer, model, time.perf_counter() - start, valid, test, timer)
 
 
+def check_stage_flags(parser: argparse.ArgumentParser, passthrough: list[str], command: str,
+                      allow_seed: bool) -> None:
+    """Every pass-through ``--`` flag must be a stage flag (``--trainer.``, ``--model.``,
+    ``--data.``, and ``--seed_everything`` where ``allow_seed``); otherwise a parser error."""
+    prefixes = ("--trainer.", "--model.", "--data.") + (("--seed_everything",) if allow_seed
+                                                        else ())
+    bad = [a for a in passthrough
+           if a.startswith("--") and not a.split("=")[0].startswith(prefixes)]
+    if bad:
+        parser.error(f"unknown {command} arguments {bad}; stage flags must start with "
+                     "--trainer., --model. or --data.")
+
+
+def load_spec(parser: argparse.ArgumentParser, path: Path, keys: frozenset, kind: str) -> dict:
+    """A pipeline/experiment YAML as a dict; a parser error naming the file for a missing file,
+    a non-mapping or keys outside ``keys``."""
+    if not path.exists():
+        parser.error(f"{path}: no such {kind} config")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        parser.error(f"{path}: expected a mapping with {sorted(keys)}")
+    unknown = sorted(set(spec) - keys)
+    if unknown:
+        parser.error(f"{path}: unknown key(s) {unknown}; a {kind} YAML accepts {sorted(keys)}")
+    return spec
+
+
 PIPELINE_KEYS = frozenset({"dataset", "run_dir", "overrides", "stages"})
 STAGE_KEYS = frozenset({"name", "config", "overrides"})
 
@@ -176,22 +203,9 @@ def pipeline(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true",
                         help="re-run stages even when their artifacts are complete")
     args, passthrough = parser.parse_known_args(argv)
-    stage_flags = ("--trainer.", "--model.", "--data.", "--seed_everything")
-    bad = [a for a in passthrough
-           if a.startswith("--") and not a.split("=")[0].startswith(stage_flags)]
-    if bad:
-        parser.error(f"unknown pipeline arguments {bad}; stage flags must start with "
-                     "--trainer., --model. or --data.")
+    check_stage_flags(parser, passthrough, "pipeline", allow_seed=True)
     cfg_path = Path(args.config)
-    if not cfg_path.exists():
-        parser.error(f"{cfg_path}: no such pipeline config")
-    spec = yaml.safe_load(cfg_path.read_text()) or {}
-    if not isinstance(spec, dict):
-        parser.error(f"{cfg_path}: expected a mapping with {sorted(PIPELINE_KEYS)}")
-    unknown = sorted(set(spec) - PIPELINE_KEYS)
-    if unknown:
-        parser.error(f"{cfg_path}: unknown key(s) {unknown}; a pipeline YAML accepts "
-                     f"{sorted(PIPELINE_KEYS)}")
+    spec = load_spec(parser, cfg_path, PIPELINE_KEYS, "pipeline")
     stages = spec.get("stages")
     if not stages or not isinstance(stages, list):
         parser.error(f"{cfg_path}: expected a non-empty 'stages' list")
@@ -290,12 +304,21 @@ EXPERIMENT_KEYS = frozenset({"name", "seeds", "reference", "rows", "resamples"})
 ROW_KEYS = frozenset({"name", "pipeline", "stages", "compare", "flags"})
 
 
-def _git_commit() -> str | None:
+def git_commit(short: bool = False, mark_dirty: bool = False) -> str | None:
+    """The checkout's commit (``short``: abbreviated; ``mark_dirty``: ``+dirty`` when tracked
+    files differ from it), or ``None`` outside a git checkout."""
     import subprocess
 
+    root = Path(__file__).resolve().parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                              check=True, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
+                                cwd=root, check=True, capture_output=True,
+                                text=True).stdout.strip()
+        if mark_dirty and subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                capture_output=True, text=True).stdout.strip():
+            commit += "+dirty"
+        return commit
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -321,19 +344,9 @@ def experiment(argv: list[str]) -> int:
                         help="number of seeds (default: the YAML's, else 3)")
     parser.add_argument("--rows", default=None, help="comma-separated subset of rows")
     args, passthrough = parser.parse_known_args(argv)
-    stage_flags = ("--trainer.", "--model.", "--data.")
-    bad = [a for a in passthrough
-           if a.startswith("--") and not a.split("=")[0].startswith(stage_flags)]
-    if bad:
-        parser.error(f"unknown experiment arguments {bad}; stage flags must start with "
-                     "--trainer., --model. or --data.")
+    check_stage_flags(parser, passthrough, "experiment", allow_seed=False)
     path = Path(args.config)
-    if not path.exists():
-        parser.error(f"{path}: no such experiment config")
-    spec = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(spec) - EXPERIMENT_KEYS) if isinstance(spec, dict) else ["<not a map>"]
-    if unknown:
-        parser.error(f"{path}: unknown key(s) {unknown}; accepted: {sorted(EXPERIMENT_KEYS)}")
+    spec = load_spec(parser, path, EXPERIMENT_KEYS, "experiment")
     rows = spec.get("rows") or []
     if not rows:
         parser.error(f"{path}: expected a non-empty 'rows' list")
@@ -368,7 +381,7 @@ def experiment(argv: list[str]) -> int:
                               resamples=int(spec.get("resamples", 1000)))
     first = run_dir_of(out, rows[0]["name"], seeds[0]) / "metrics.json"
     results["protocol"] = read_json(first).get("protocol") if first.exists() else None
-    results["commit"] = _git_commit()
+    results["commit"] = git_commit()
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", render_markdown(results))
     plot = plot_means(results, out / "results.png")

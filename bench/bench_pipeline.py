@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,17 +43,6 @@ COLUMNS = [("stage", "stage"), ("wall s", "seconds"), ("epochs", "epochs"),
            ("val users/s", "fit_validation_users_per_s"), ("test users/s", "test_users_per_s"),
            ("valid N@10", "valid_ndcg@10"), ("test R@10", "test_recall@10"),
            ("test N@10", "test_ndcg@10")]
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def stage_row(name: str, record: dict) -> dict:
@@ -149,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [s["name"] for s in spec["stages"]]
     rows = [stage_row(n, read_json(stage_dir(run_dir, n) / "stage.json"))
             for n in names if stage_complete(run_dir, n)]
-    conditions = {"config": args.config, "commit": _git_commit(), "threads": args.threads,
+    commit = cli.git_commit(short=True, mark_dirty=True) or "unknown"
+    conditions = {"config": args.config, "commit": commit, "threads": args.threads,
                   "cpu_count": os.cpu_count(), "machine": platform.machine(),
                   "torch": torch.__version__, "flags": passthrough,
                   "process_wall_seconds": round(wall, 1),
