@@ -32,13 +32,17 @@ def pinned_threads(num_threads: int | None):
         raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
     faiss = _faiss()
     old_torch = torch.get_num_threads()
-    old_faiss = faiss.omp_get_max_threads() if faiss is not None else None
-    torch.set_num_threads(num_threads)
-    if faiss is not None:
+    old_faiss = faiss.omp_get_max_threads() if faiss is not None else num_threads
+    # Thread pools are only reconfigured when the number changes (nothing to do, nothing
+    # touched, in the usual one-thread processes).
+    if old_torch != num_threads:
+        torch.set_num_threads(num_threads)
+    if old_faiss != num_threads:
         faiss.omp_set_num_threads(num_threads)
     try:
         yield
     finally:
-        torch.set_num_threads(old_torch)
-        if faiss is not None:
+        if old_torch != num_threads:
+            torch.set_num_threads(old_torch)
+        if old_faiss != num_threads:
             faiss.omp_set_num_threads(old_faiss)
