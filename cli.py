@@ -32,6 +32,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from callbacks.selfplay import SelfPlayCallback
 from callbacks.timing import StageTimer
 from lightning_modules.components.artifacts import (
+    copy_stage,
+    find_stage,
+    fingerprint,
     mark_stage_complete,
     read_json,
     stage_complete,
@@ -46,12 +49,22 @@ log = logging.getLogger("align3gr")
 class Align3CLI(LightningCLI):
     """LightningCLI in subclass mode for model and data; exports stage artifacts after fit."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, parse_only: bool = False, **kwargs) -> None:
+        # parse_only: resolve the config (``self.config``) without building trainer/model/data.
+        self._parse_only = parse_only
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        if not self._parse_only:
+            super().instantiate_classes()
+
+    def after_instantiate_classes(self) -> None:
+        if not self._parse_only:
+            super().after_instantiate_classes()
 
     def after_fit(self) -> None:
         export_stage(self.trainer, self.model, seconds=None)
@@ -63,15 +76,20 @@ def _stage_name(model: L.LightningModule) -> str:
 
 def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | None,
                  valid: dict | None = None, test: dict | None = None,
-                 timer: StageTimer | None = None) -> dict | None:
-    """Write the stage's artifacts and its ``stage.json`` (rank 0 only).
+                 timer: StageTimer | None = None, provenance: dict | None = None) -> dict | None:
+    """Write the stage's artifacts and, last, its ``stage.json`` (rank 0 only).
 
-    With a ``timer``, the record gets ``timing`` (seconds per phase, throughput, export time)."""
+    With a ``timer``, the record gets ``timing`` (seconds per phase, throughput, export time);
+    ``provenance`` (the stage fingerprint and its inputs, see :func:`stage_fingerprint`) is
+    recorded as is."""
     run_dir = getattr(model, "run_dir", None)
     if not trainer.is_global_zero or run_dir is None:
         return None
     start = time.perf_counter()
-    info = model.export_artifacts() if hasattr(model, "export_artifacts") else {}
+    if getattr(model, "exports_stage_marker", False):
+        info = model.export_artifacts(mark_complete=False)  # stage.json is written below, last
+    else:
+        info = model.export_artifacts() if hasattr(model, "export_artifacts") else {}
     record = {**(info or {})}
     data = trainer.datamodule
     if getattr(model, "last_ranks", None) and getattr(data, "split", None) is not None:
@@ -98,6 +116,8 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
         if timer is not None:
             seconds += record["timing"]["seconds"]["export"]  # a stage's time includes export
         record["seconds"] = round(seconds, 2)
+    if provenance:
+        record.update(provenance)
     mark_stage_complete(run_dir, _stage_name(model), record)
     return record
 
@@ -129,15 +149,61 @@ def _has_step(model: L.LightningModule, name: str) -> bool:
     return is_overridden(name, model)
 
 
-def run_stage(name: str, config: str, run_dir: Path, extra: list[str]) -> dict | None:
-    """Fit, validate and test one stage with its best checkpoint; export its artifacts."""
-    args = ["--config", config,
+def stage_args(name: str, config: str, run_dir: Path, extra: list[str]) -> list[str]:
+    """The LightningCLI arguments of one pipeline stage in ``run_dir``."""
+    return ["--config", config,
             f"--model.init_args.run_dir={run_dir}", f"--data.init_args.run_dir={run_dir}",
             f"--trainer.default_root_dir={run_dir / name}",
             "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
             f"--trainer.logger.save_dir={run_dir / 'logs'}", f"--trainer.logger.name={name}",
             *extra]
-    cli = Align3CLI(args=args, run=False)
+
+
+def stage_cli(args: list[str], **kwargs) -> Align3CLI:
+    """An :class:`Align3CLI` built from ``args`` alone (the command line of ``pipeline`` or
+    ``experiment`` is not LightningCLI's, so it is hidden from it)."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return Align3CLI(args=args, run=False, **kwargs)
+    finally:
+        sys.argv = argv
+
+
+def _relative_to_run(value, run_dir: str):
+    """``value`` with every string path under ``run_dir`` rewritten as ``<run_dir>/...``."""
+    if isinstance(value, dict):
+        return {k: _relative_to_run(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative_to_run(v, run_dir) for v in value]
+    if isinstance(value, str) and (value == run_dir or value.startswith(run_dir + os.sep)):
+        return "<run_dir>" + value[len(run_dir):]
+    return value
+
+
+def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str]) -> dict:
+    """The stage's fully resolved LightningCLI config (every default, every override), with
+    paths inside ``run_dir`` made relative to it and the config-file list dropped: two stages
+    with equal resolved configs run the same computation."""
+    cli = stage_cli(stage_args(name, config, run_dir, extra), parse_only=True)
+    resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_check=True))
+    resolved.pop("config", None)
+    return _relative_to_run(resolved, str(run_dir))
+
+
+def stage_fingerprint(name: str, config: str, run_dir: Path, extra: list[str],
+                      upstream: dict[str, str]) -> dict:
+    """``{"stage_fingerprint": hash, "upstream": {...}}`` of a stage: a hash of its resolved
+    config (seed included) and of the fingerprints of the stages before it in the run, so
+    that equal fingerprints mean equal inputs and equal computation."""
+    resolved = resolved_stage_config(name, config, run_dir, extra)
+    return {"stage_fingerprint": fingerprint(name, resolved, upstream),
+            "upstream": dict(upstream)}
+
+
+def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
+              provenance: dict | None = None) -> dict | None:
+    """Fit, validate and test one stage with its best checkpoint; export its artifacts."""
+    cli = stage_cli(stage_args(name, config, run_dir, extra))
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     timer = StageTimer()
     trainer.callbacks.append(timer)
@@ -154,7 +220,8 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str]) -> dict |
         ckpt = None  # weights of the best checkpoint are loaded now
     if _has_step(model, "test_step") and trainer.limit_test_batches != 0:
         test = _metrics_from(trainer.test(model, datamodule=data, ckpt_path=ckpt), "test")
-    return export_stage(trainer, model, time.perf_counter() - start, valid, test, timer)
+    return export_stage(trainer, model, time.perf_counter() - start, valid, test, timer,
+                        provenance)
 
 
 def check_stage_flags(parser: argparse.ArgumentParser, passthrough: list[str], command: str,
@@ -202,6 +269,10 @@ def pipeline(argv: list[str]) -> int:
                              "configs/trainer/gpu.yaml (repeatable)")
     parser.add_argument("--force", action="store_true",
                         help="re-run stages even when their artifacts are complete")
+    parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                        help="copy a stage from a run under DIR whose fingerprint (resolved "
+                             "config, seed, upstream stages) is the same instead of "
+                             "recomputing it (repeatable)")
     args, passthrough = parser.parse_known_args(argv)
     check_stage_flags(parser, passthrough, "pipeline", allow_seed=True)
     cfg_path = Path(args.config)
@@ -225,24 +296,45 @@ def pipeline(argv: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     # Under DDP the children re-run this command; only the first process writes reports.
     rank0 = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    upstream: dict[str, str] = {}  # fingerprints of the stages before, by name
     for stage in stages:
         name = stage["name"]
-        if wanted and name not in wanted:
-            continue
         config = stage["config"]
+        marker = stage_dir(run_dir, name) / "stage.json"
+        if wanted and name not in wanted:
+            if marker.exists():  # not run now, but what it holds feeds the later stages
+                rec = read_json(marker)
+                upstream[name] = rec.get("stage_fingerprint") or fingerprint(rec)
+            continue
         if not Path(config).exists():
             raise FileNotFoundError(f"{cfg_path}: stage '{name}' config {config} does not exist")
-        if stage_complete(run_dir, name) and not args.force:
-            log.warning("stage %s: complete in %s, skipped", name, stage_dir(run_dir, name))
+        composed = [x for extra in args.stage_config for x in ("--config", extra)]
+        extra = composed + shared + [str(a) for a in stage.get("overrides", [])] + passthrough
+        provenance = stage_fingerprint(name, config, run_dir, extra, upstream)
+        fp = provenance["stage_fingerprint"]
+        upstream[name] = fp
+        if marker.exists() and not args.force:
+            recorded = read_json(marker).get("stage_fingerprint")
+            if recorded == fp:
+                log.warning("stage %s: complete in %s, skipped", name, stage_dir(run_dir, name))
+                continue
+            log.warning("stage %s: complete in %s, but %s; re-running", name,
+                        stage_dir(run_dir, name),
+                        "it records no fingerprint" if recorded is None else
+                        f"its config or upstream changed (fingerprint {recorded} -> {fp})")
+        if marker.exists() and rank0:
+            # Re-run: the stage is not complete again until its new stage.json.
+            marker.unlink()
+        source = None if args.force else find_stage(args.reuse, name, fp)
+        if source is not None:
+            if rank0:
+                copy_stage(source, stage_dir(run_dir, name))
+                log.warning("stage %s: same config, seed and upstream as %s; copied, not "
+                            "recomputed", name, source)
+                write_reports(run_dir, spec.get("dataset", ""), names)
             continue
         log.warning("stage %s: running %s", name, config)
-        marker = stage_dir(run_dir, name) / "stage.json"
-        if marker.exists() and rank0:
-            # Re-run (--force): the stage is not complete again until its new stage.json.
-            marker.unlink()
-        composed = [x for extra in args.stage_config for x in ("--config", extra)]
-        run_stage(name, config, run_dir,
-                  composed + shared + [str(a) for a in stage.get("overrides", [])] + passthrough)
+        run_stage(name, config, run_dir, extra, provenance)
         if rank0:
             write_reports(run_dir, spec.get("dataset", ""), names)
     if rank0:
@@ -300,8 +392,8 @@ CPU threads: half the usable cores (at most 4) unless ALIGN3GR_THREADS or OMP_NU
 """
 
 
-EXPERIMENT_KEYS = frozenset({"name", "seeds", "reference", "rows", "resamples"})
-ROW_KEYS = frozenset({"name", "pipeline", "stages", "compare", "flags"})
+EXPERIMENT_KEYS = frozenset({"name", "seeds", "reference", "rows", "resamples", "steps"})
+ROW_KEYS = frozenset({"name", "pipeline", "stages", "compare", "flags", "stage_flags", "skip"})
 
 
 def git_commit(short: bool = False, mark_dirty: bool = False) -> str | None:
@@ -343,22 +435,34 @@ def experiment(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, default=None,
                         help="number of seeds (default: the YAML's, else 3)")
     parser.add_argument("--rows", default=None, help="comma-separated subset of rows")
+    parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                        help="also reuse equal stages (same fingerprint) from runs under DIR, "
+                             "e.g. another experiment (repeatable; this experiment's own runs "
+                             "are always searched)")
     args, passthrough = parser.parse_known_args(argv)
     check_stage_flags(parser, passthrough, "experiment", allow_seed=False)
     path = Path(args.config)
     spec = load_spec(parser, path, EXPERIMENT_KEYS, "experiment")
     rows = spec.get("rows") or []
-    if not rows:
+    if not rows or not isinstance(rows, list):
         parser.error(f"{path}: expected a non-empty 'rows' list")
+    pipelines = {}
     for row in rows:
-        extra = sorted(set(row) - ROW_KEYS)
-        if extra or "name" not in row or "pipeline" not in row:
-            parser.error(f"{path}: row {row.get('name', '?')!r} needs 'name' and 'pipeline' "
-                         f"(accepted keys {sorted(ROW_KEYS)}; unknown: {extra})")
-        pipe = yaml.safe_load(Path(row["pipeline"]).read_text())
-        names = [s["name"] for s in pipe["stages"]]
+        extra = sorted(set(row) - ROW_KEYS) if isinstance(row, dict) else []
+        if not isinstance(row, dict) or extra or "name" not in row or "pipeline" not in row:
+            parser.error(f"{path}: row {row.get('name', '?') if isinstance(row, dict) else row!r}"
+                         f" needs 'name' and 'pipeline' (accepted keys {sorted(ROW_KEYS)}; "
+                         f"unknown: {extra})")
+        pipe = load_spec(parser, Path(row["pipeline"]), PIPELINE_KEYS, "pipeline")
+        names = [s["name"] for s in pipe.get("stages") or []]
         row.setdefault("stages", names)
+        for key, listed in (("stages", row["stages"]), ("stage_flags", row.get("stage_flags"))):
+            unknown = sorted(set(listed or []) - set(names))
+            if unknown:
+                parser.error(f"{path}: row {row['name']!r} {key} {unknown} are not stages of "
+                             f"{row['pipeline']} ({names})")
         row["compare"] = row.get("compare") or row["stages"][-1]
+        pipelines[row["name"]] = pipe
     if args.rows:
         wanted = args.rows.split(",")
         missing = sorted(set(wanted) - {r["name"] for r in rows})
@@ -369,18 +473,37 @@ def experiment(argv: list[str]) -> int:
     seeds = list(range(n_seeds))
     reference = spec.get("reference") or rows[0]["name"]
     out = Path(args.out)
+    started = time.perf_counter()
     for row in rows:
+        if row.get("skip"):
+            log.warning("experiment: row %s skipped: %s", row["name"], row["skip"])
+            continue
+        config = row["pipeline"]
+        if row.get("stage_flags"):
+            # The row's own pipeline: the named stages get the row's extra flags.
+            pipe = dict(pipelines[row["name"]])
+            pipe["stages"] = [{**st, "overrides": [*st.get("overrides", []),
+                                                   *row["stage_flags"].get(st["name"], [])]}
+                              for st in pipe["stages"]]
+            config = str(out / "pipelines" / f"{row['name']}.yaml")
+            atomic_write_text(config, f"# row {row['name']} of {path}: {row['pipeline']} "
+                                      "with the row's stage_flags\n"
+                              + yaml.safe_dump(pipe, sort_keys=False))
         for seed in seeds:
             run = run_dir_of(out, row["name"], seed)
             log.warning("experiment: row %s, seed %d -> %s", row["name"], seed, run)
-            pipeline(["--config", row["pipeline"], "--run_dir", str(run),
+            pipeline(["--config", config, "--run_dir", str(run),
                       "--stages", ",".join(row["stages"]), f"--seed_everything={seed}",
+                      "--reuse", str(out / "runs"),
+                      *[x for d in args.reuse for x in ("--reuse", d)],
                       f"--data.init_args.seed={seed}",
                       *[str(f) for f in row.get("flags", [])], *passthrough])
     results = collect_results(out, {**spec, "reference": reference}, rows, seeds,
                               resamples=int(spec.get("resamples", 1000)))
-    first = run_dir_of(out, rows[0]["name"], seeds[0]) / "metrics.json"
-    results["protocol"] = read_json(first).get("protocol") if first.exists() else None
+    ran = [r["name"] for r in rows if not r.get("skip")]
+    first = run_dir_of(out, ran[0], seeds[0]) / "metrics.json" if ran else None
+    results["protocol"] = read_json(first).get("protocol") if first and first.exists() else None
+    results["wall_seconds"] = round(time.perf_counter() - started, 1)  # this invocation
     results["commit"] = git_commit()
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", render_markdown(results))

@@ -79,7 +79,8 @@ class GenerativeRecommender(L.LightningModule):
         predict_top_k: items per user written by ``predict``.
         export_on_fit_end: write ``<run_dir>/sft`` (HF folder, stage.json) when fit ends
             (``cli.py`` exports after fit/test by itself; this is for plain Trainer use).
-        seed: seed of the backbone's random initialisation.
+        seed: seed of the backbone's random initialisation (``None``: the run's
+            ``seed_everything`` value, so that the seeds of an experiment vary it too).
     """
 
     stage_name = STAGE  # the run-directory folder the CLI exports into
@@ -90,7 +91,7 @@ class GenerativeRecommender(L.LightningModule):
                  min_lr_ratio: float = 0.05, num_beams: int = 20,
                  ks: list[int] | None = None, exclude_history: bool = True,
                  predict_top_k: int = 10, export_on_fit_end: bool = False,
-                 seed: int = 42) -> None:
+                 seed: int | None = None) -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
         if num_beams < max(ks):
@@ -108,6 +109,8 @@ class GenerativeRecommender(L.LightningModule):
         self.exclude_history = exclude_history
         self.predict_top_k = predict_top_k
         self.export_on_fit_end = export_on_fit_end
+        if seed is None:  # lightning's seed_everything records its seed here
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
         self.seed = seed
         self.evaluator = RankingEvaluator(ks, exclude_history=exclude_history)
         self.last_ranks: dict = {}  # split -> (rows, ranks) of the latest evaluation
@@ -401,7 +404,11 @@ class GenerativeRecommender(L.LightningModule):
     def hf_dir(self) -> Path:
         return Path(self.run_dir) / STAGE / "hf"
 
-    def export_artifacts(self, out_dir: str | os.PathLike | None = None) -> dict:
+    # export_artifacts can leave stage.json to its caller (cli.export_stage writes it last).
+    exports_stage_marker = True
+
+    def export_artifacts(self, out_dir: str | os.PathLike | None = None,
+                         mark_complete: bool = True) -> dict:
         """Write the HF folder (``<run_dir>/sft/hf``), metrics and ``stage.json``.
 
         The folder loads with plain transformers (``finetuning: full``:
@@ -445,8 +452,11 @@ class GenerativeRecommender(L.LightningModule):
         os.replace(tmp, hf)
         if self.run_dir and out_dir is None:
             summary = {k: info[k] for k in ("adapter", "base", "vocab_size", "parameters")}
+            # mark_complete=False: stage.json comes from the caller, after what it adds
+            # (cli.export_stage: per-user ranks, timing).
             info = {**info, **self._write_metrics(
-                extra={"hf_dir": str(hf.relative_to(self.run_dir)), **summary})}
+                extra={"hf_dir": str(hf.relative_to(self.run_dir)), **summary},
+                complete=mark_complete)}
         return info
 
     @staticmethod

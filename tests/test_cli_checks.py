@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from datamodules.sequential_data import SequentialDataModule
@@ -40,3 +42,48 @@ def test_pipeline_yaml_rejects_unknown_keys(tmp_path, capsys):
         pipeline(["--config", str(bad), "--run_dir", str(tmp_path / "run")])
     assert "stage 'sasrec' has unknown key(s) ['overides']" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_stage_fingerprint_ignores_the_run_directory_and_follows_seed_and_upstream(tmp_path):
+    from cli import resolved_stage_config, stage_fingerprint
+
+    args = ("sft", "configs/ml100k/sft.yaml")
+    a = stage_fingerprint(*args, tmp_path / "a", ["--seed_everything=1"], {"tokenizer": "t1"})
+    b = stage_fingerprint(*args, tmp_path / "b", ["--seed_everything=1"], {"tokenizer": "t1"})
+    assert a == b and a["upstream"] == {"tokenizer": "t1"}
+    seed = stage_fingerprint(*args, tmp_path / "a", ["--seed_everything=2"], {"tokenizer": "t1"})
+    up = stage_fingerprint(*args, tmp_path / "a", ["--seed_everything=1"], {"tokenizer": "t2"})
+    opt = stage_fingerprint(*args, tmp_path / "a", ["--seed_everything=1",
+                                                    "--model.init_args.lr=0.1"],
+                            {"tokenizer": "t1"})
+    assert len({a["stage_fingerprint"], seed["stage_fingerprint"], up["stage_fingerprint"],
+                opt["stage_fingerprint"]}) == 4
+    resolved = resolved_stage_config(*args, tmp_path / "a", [])
+    assert resolved["model"]["init_args"]["run_dir"] == "<run_dir>"
+    assert resolved["trainer"]["default_root_dir"] == "<run_dir>/sft"
+    assert "config" not in resolved
+
+
+def test_find_and_copy_stage(tmp_path):
+    from lightning_modules.components.artifacts import (
+        copy_stage,
+        find_stage,
+        mark_stage_complete,
+    )
+
+    src = tmp_path / "exp" / "runs" / "a" / "seed0"
+    (src / "sft" / "hf").mkdir(parents=True)
+    (src / "sft" / "hf" / "model.bin").write_bytes(b"weights")
+    mark_stage_complete(src, "sft", {"stage_fingerprint": "f1", "test": {"ndcg@10": 0.1}})
+    (tmp_path / "exp" / "bad" / "sft").mkdir(parents=True)
+    (tmp_path / "exp" / "bad" / "sft" / "stage.json").write_text("{truncated")
+    assert find_stage([tmp_path / "exp"], "sft", "f2") is None
+    assert find_stage([tmp_path / "missing", tmp_path / "exp"], "sft", "f1") == src / "sft"
+    assert find_stage([tmp_path / "exp"], "dpo", "f1") is None
+    dest = tmp_path / "new" / "sft"
+    (dest / "stale").mkdir(parents=True)  # an incomplete earlier attempt is replaced
+    copy_stage(src / "sft", dest)
+    assert (dest / "hf" / "model.bin").read_bytes() == b"weights"
+    assert not (dest / "stale").exists()
+    record = json.loads((dest / "stage.json").read_text())
+    assert record["reused_from"] == str(src / "sft") and record["test"] == {"ndcg@10": 0.1}

@@ -91,3 +91,25 @@ def test_slice_experiment_two_rows_two_seeds(tmp_path):
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "skipped" in again.stderr
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+
+
+def test_experiment_reuses_stages_shared_by_rows(tmp_path):
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("name: shared stages\nseeds: 1\nrows:\n"
+                    "  - {name: a, pipeline: configs/ml100k/pipeline.yaml, stages: [sasrec]}\n"
+                    "  - {name: b, pipeline: configs/ml100k/pipeline.yaml, stages: [sasrec]}\n")
+    out = tmp_path / "exp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "cli.py", "experiment", "--config", str(spec),
+                           "--out", str(out), "--data.init_args.max_users=40",
+                           "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+                           "--trainer.accelerator=cpu"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.count("stage sasrec: running") == 1
+    a, b = (json.loads((out / "runs" / r / "seed0" / "sasrec" / "stage.json").read_text())
+            for r in ("a", "b"))
+    assert b["reused_from"] == str(out / "runs" / "a" / "seed0" / "sasrec")
+    assert b["test"] == a["test"] and b["stage_fingerprint"] == a["stage_fingerprint"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["paired_vs_reference"]["b"]["ndcg@10"]["mean_diff"] == 0.0

@@ -93,6 +93,37 @@ def test_pipeline_skips_complete_stages(pipeline_run):
                str(pipeline_run), "--stages", "sasrec", *SLICE)
     assert "stage sasrec: complete" in proc.stderr
     assert marker.stat().st_mtime_ns == before
+    assert "args parameter" not in proc.stderr  # LightningCLI sees the stage's args only
+
+
+def test_pipeline_reuses_equal_stages_and_reruns_changed_ones(pipeline_run, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    first = json.loads((pipeline_run / "sasrec" / "stage.json").read_text())
+    assert first["stage_fingerprint"] and first["upstream"] == {}
+    # The same stage into another run directory: copied from the first run, not recomputed.
+    fresh = tmp_path / "fresh"
+    proc = run("cli.py", "pipeline", "--config", "configs/ml100k/pipeline.yaml", "--run_dir",
+               str(fresh), "--stages", "sasrec", "--reuse", str(pipeline_run), *SLICE)
+    assert "copied, not recomputed" in proc.stderr and "running" not in proc.stderr
+    copied = json.loads((fresh / "sasrec" / "stage.json").read_text())
+    assert copied["reused_from"] == str(pipeline_run / "sasrec")
+    assert copied["stage_fingerprint"] == first["stage_fingerprint"]
+    assert np.array_equal(np.load(fresh / "sasrec" / "ranks_test.npy"),
+                          np.load(pipeline_run / "sasrec" / "ranks_test.npy"))
+    assert json.loads((fresh / "metrics.json").read_text())["stages"]["sasrec"]
+    # A changed option re-runs the complete stage instead of skipping it.
+    changed = tmp_path / "changed"
+    shutil.copytree(pipeline_run, changed)
+    proc = run("cli.py", "pipeline", "--config", "configs/ml100k/pipeline.yaml", "--run_dir",
+               str(changed), "--stages", "sasrec", "--reuse", str(pipeline_run), *SLICE,
+               "--model.init_args.hidden_size=16")
+    assert "config or upstream changed" in proc.stderr and "copied" not in proc.stderr
+    rerun = json.loads((changed / "sasrec" / "stage.json").read_text())
+    assert rerun["stage_fingerprint"] != first["stage_fingerprint"]
+    assert rerun["embedding_dim"] == 16 and "reused_from" not in rerun
 
 
 def test_ddp_evaluation_matches_single_process(pipeline_run, tmp_path):

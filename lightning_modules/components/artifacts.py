@@ -111,3 +111,41 @@ def fingerprint(*parts: Any) -> str:
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+def find_stage(roots, stage: str, stage_fingerprint: str) -> Path | None:
+    """A complete ``<stage>`` folder under any of ``roots`` whose ``stage.json`` records
+    ``stage_fingerprint`` (see ``cli.stage_fingerprint``), or ``None``. Unreadable markers
+    are passed over."""
+    for root in roots or []:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for marker in sorted(root.rglob(STAGE_MARKER)):
+            if marker.parent.name != stage:
+                continue
+            try:
+                record = json.loads(marker.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(record, dict) and record.get("stage_fingerprint") == stage_fingerprint:
+                return marker.parent
+    return None
+
+
+def copy_stage(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy a complete stage folder to ``dest`` (replacing what is there): the files first,
+    through a temporary sibling renamed into place, then ``stage.json`` with ``reused_from``
+    added, so that ``dest`` is complete only once everything is in it."""
+    import shutil
+
+    source, dest = Path(source), Path(dest)
+    record = read_json(source / STAGE_MARKER)
+    tmp = dest.with_name(f".{dest.name}.copy{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(STAGE_MARKER, ".*.tmp*"))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return atomic_write_json(dest / STAGE_MARKER, {**record, "reused_from": str(source)})

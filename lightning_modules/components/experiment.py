@@ -36,6 +36,8 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
     reference = spec.get("reference") or rows[0]["name"]
     table, ranks, incomplete = {}, {}, []
     for row in rows:
+        if row.get("skip"):
+            continue
         name, stage = row["name"], row["compare"]
         per_seed, rank_files = {}, {}
         for seed in seeds:
@@ -58,27 +60,58 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
                             for m in metrics}
         table[name] = entry
         ranks[name] = rank_files
-    comparisons = {}
-    if reference in ranks:
-        for name, rank_files in ranks.items():
-            if name == reference:
-                continue
-            common = sorted(set(rank_files) & set(ranks[reference]))
-            if not common:
-                continue
-            if any(len(rank_files[s]) != len(ranks[reference][s]) for s in common):
-                raise ValueError(f"rows {name} and {reference} ranked different user sets")
-            ks = _ks(table[name])
-            mine = [per_user_metrics(rank_files[s], ks) for s in common]
-            ref = [per_user_metrics(ranks[reference][s], ks) for s in common]
-            comparisons[name] = {
-                metric: paired_bootstrap(np.concatenate([m[metric] for m in mine]),
-                                         np.concatenate([r[metric] for r in ref]),
-                                         resamples=resamples, seed=0)
-                for metric in mine[0]}
-            comparisons[name]["seeds"] = common
-    return {"name": spec.get("name", ""), "reference": reference, "seeds": seeds,
-            "rows": table, "paired_vs_reference": comparisons, "incomplete": incomplete}
+    comparisons = {name: _paired(ranks[name], ranks[reference], table[name], name,
+                                 reference, resamples)
+                   for name in ranks if name != reference and reference in ranks}
+    out_dict = {"name": spec.get("name", ""), "reference": reference, "seeds": seeds,
+                "rows": table, "paired_vs_reference": {k: v for k, v in comparisons.items()
+                                                       if v is not None},
+                "incomplete": incomplete,
+                "skipped": {r["name"]: str(r["skip"]) for r in rows if r.get("skip")},
+                "compute_seconds": _compute_seconds(out, rows, seeds)}
+    if spec.get("steps"):
+        # A ladder: every row also against the row above it.
+        done = [r["name"] for r in rows if r["name"] in ranks]
+        steps = {}
+        for above, name in zip(done, done[1:]):
+            got = _paired(ranks[name], ranks[above], table[name], name, above, resamples)
+            if got is not None:
+                steps[name] = {"against": above, **got}
+        out_dict["paired_vs_previous"] = steps
+    return out_dict
+
+
+def _paired(mine_files: dict, ref_files: dict, entry: dict, name: str, reference: str,
+            resamples: int) -> dict | None:
+    """Paired bootstrap of row ``name`` against row ``reference`` over test users, the seeds
+    both have pooled; ``None`` when they share no seed."""
+    common = sorted(set(mine_files) & set(ref_files))
+    if not common:
+        return None
+    if any(len(mine_files[s]) != len(ref_files[s]) for s in common):
+        raise ValueError(f"rows {name} and {reference} ranked different user sets")
+    ks = _ks(entry)
+    mine = [per_user_metrics(mine_files[s], ks) for s in common]
+    ref = [per_user_metrics(ref_files[s], ks) for s in common]
+    out = {metric: paired_bootstrap(np.concatenate([m[metric] for m in mine]),
+                                    np.concatenate([r[metric] for r in ref]),
+                                    resamples=resamples, seed=0)
+           for metric in mine[0]}
+    out["seeds"] = common
+    return out
+
+
+def _compute_seconds(out: Path, rows: list[dict], seeds: list[int]) -> float:
+    """Stage seconds spent on this experiment's runs (copied stages count once, where run)."""
+    total = 0.0
+    for row in rows:
+        for seed in seeds:
+            run = run_dir_of(out, row["name"], seed)
+            for marker in run.glob("*/stage.json") if run.is_dir() else []:
+                record = read_json(marker)
+                if not record.get("reused_from"):
+                    total += float(record.get("seconds") or 0.0)
+    return round(total, 1)
 
 
 def _ks(entry: dict) -> list[int]:
@@ -113,26 +146,39 @@ def render_markdown(results: dict) -> str:
                      for m in metrics]
             lines.append(f"| {name} | {entry['stage']} | " + " | ".join(cells) + " |")
         lines.append("")
-    comps = results["paired_vs_reference"]
-    if comps:
-        lines += [f"## test: difference against {results['reference']}", "",
-                  "| row | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-        for name, comp in comps.items():
-            cells = []
-            for m in metrics:
-                c = comp.get(m)
-                if c is None:
-                    cells.append("—")
-                    continue
-                text = (f"{c['mean_diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] "
-                        f"p={c['p_value']:.3f}")
-                cells.append(f"**{text}**" if c["excludes_zero"] else text)
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
+    lines += _diff_table(results["paired_vs_reference"], metrics,
+                         f"test: difference against {results['reference']}")
+    if results.get("paired_vs_previous"):
+        lines += _diff_table(results["paired_vs_previous"], metrics,
+                             "test: difference against the row above", against=True)
+    if results.get("skipped"):
+        lines += ["Rows not run: " + "; ".join(f"{k} ({v})" for k, v in
+                                                results["skipped"].items()), ""]
     if results["incomplete"]:
         lines += ["Incomplete runs (left out): " + ", ".join(
             f"{i['row']}/seed{i['seed']} ({i['stage']})" for i in results["incomplete"]), ""]
     return "\n".join(lines)
+
+
+def _diff_table(comps: dict, metrics: list[str], title: str, against: bool = False) -> list[str]:
+    if not comps:
+        return []
+    lines = [f"## {title}", "", "| row | " + ("against | " if against else "")
+             + " | ".join(metrics) + " |",
+             "|---|" + ("---|" if against else "") + "---|" * len(metrics)]
+    for name, comp in comps.items():
+        cells = []
+        for m in metrics:
+            c = comp.get(m)
+            if c is None:
+                cells.append("—")
+                continue
+            text = (f"{c['mean_diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] "
+                    f"p={c['p_value']:.3f}")
+            cells.append(f"**{text}**" if c["excludes_zero"] else text)
+        lines.append(f"| {name} | " + (f"{comp['against']} | " if against else "")
+                     + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot_means(results: dict, path: Path, metric: str = "ndcg@10") -> Path | None:
