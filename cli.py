@@ -39,6 +39,7 @@ from lightning_modules.components.artifacts import (
     read_json,
     stage_complete,
     stage_dir,
+    upstream_digest,
     write_ranks,
 )
 from lightning_modules.components.report import write_reports
@@ -224,6 +225,23 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
                         provenance)
 
 
+def _why_not_complete(marker: Path, fp: str) -> str | None:
+    """Why a finished stage must run again (``None``: it is complete and up to date)."""
+    from lightning_modules.components.artifacts import artifact_problems
+
+    try:
+        record = read_json(marker)
+    except ValueError as err:
+        return str(err)
+    recorded = record.get("stage_fingerprint")
+    if recorded is None:
+        return "it records no fingerprint (written by an older version)"
+    if recorded != fp:
+        return f"its config, seed or upstream changed (fingerprint {recorded} -> {fp})"
+    problems = artifact_problems(marker.parent, record)
+    return "; ".join(problems) if problems else None
+
+
 def check_stage_flags(parser: argparse.ArgumentParser, passthrough: list[str], command: str,
                       allow_seed: bool) -> None:
     """Every pass-through ``--`` flag must be a stage flag (``--trainer.``, ``--model.``,
@@ -302,9 +320,8 @@ def pipeline(argv: list[str]) -> int:
         config = stage["config"]
         marker = stage_dir(run_dir, name) / "stage.json"
         if wanted and name not in wanted:
-            if marker.exists():  # not run now, but what it holds feeds the later stages
-                rec = read_json(marker)
-                upstream[name] = rec.get("stage_fingerprint") or fingerprint(rec)
+            if stage_complete(run_dir, name):  # not run now, but it feeds the later stages
+                upstream[name] = upstream_digest(read_json(marker))
             continue
         if not Path(config).exists():
             raise FileNotFoundError(f"{cfg_path}: stage '{name}' config {config} does not exist")
@@ -312,16 +329,14 @@ def pipeline(argv: list[str]) -> int:
         extra = composed + shared + [str(a) for a in stage.get("overrides", [])] + passthrough
         provenance = stage_fingerprint(name, config, run_dir, extra, upstream)
         fp = provenance["stage_fingerprint"]
-        upstream[name] = fp
         if marker.exists() and not args.force:
-            recorded = read_json(marker).get("stage_fingerprint")
-            if recorded == fp:
+            why = _why_not_complete(marker, fp)
+            if why is None:
                 log.warning("stage %s: complete in %s, skipped", name, stage_dir(run_dir, name))
+                upstream[name] = upstream_digest(read_json(marker))
                 continue
             log.warning("stage %s: complete in %s, but %s; re-running", name,
-                        stage_dir(run_dir, name),
-                        "it records no fingerprint" if recorded is None else
-                        f"its config or upstream changed (fingerprint {recorded} -> {fp})")
+                        stage_dir(run_dir, name), why)
         if marker.exists() and rank0:
             # Re-run: the stage is not complete again until its new stage.json.
             marker.unlink()
@@ -332,9 +347,13 @@ def pipeline(argv: list[str]) -> int:
                 log.warning("stage %s: same config, seed and upstream as %s; copied, not "
                             "recomputed", name, source)
                 write_reports(run_dir, spec.get("dataset", ""), names)
+            upstream[name] = upstream_digest(read_json(stage_dir(source.parent, name)
+                                                       / "stage.json"))
             continue
         log.warning("stage %s: running %s", name, config)
-        run_stage(name, config, run_dir, extra, provenance)
+        record = run_stage(name, config, run_dir, extra, provenance)
+        if record is not None:  # rank 0; the other ranks only help compute the stage
+            upstream[name] = upstream_digest(read_json(marker))
         if rank0:
             write_reports(run_dir, spec.get("dataset", ""), names)
     if rank0:

@@ -120,10 +120,22 @@ def test_pipeline_reuses_equal_stages_and_reruns_changed_ones(pipeline_run, tmp_
     proc = run("cli.py", "pipeline", "--config", "configs/ml100k/pipeline.yaml", "--run_dir",
                str(changed), "--stages", "sasrec", "--reuse", str(pipeline_run), *SLICE,
                "--model.init_args.hidden_size=16")
-    assert "config or upstream changed" in proc.stderr and "copied" not in proc.stderr
+    assert "config, seed or upstream changed" in proc.stderr and "copied" not in proc.stderr
     rerun = json.loads((changed / "sasrec" / "stage.json").read_text())
     assert rerun["stage_fingerprint"] != first["stage_fingerprint"]
     assert rerun["embedding_dim"] == 16 and "reused_from" not in rerun
+    listed = {a["path"] for a in rerun["artifacts"]}
+    assert {"item_embeddings.pt", "ranks_test.npy", "checkpoints/best.ckpt"} <= listed
+    # A damaged artifact makes the stage incomplete: the same command re-runs it.
+    from lightning_modules.components.artifacts import stage_complete
+
+    emb = changed / "sasrec" / "item_embeddings.pt"
+    emb.write_bytes(emb.read_bytes()[:100])
+    assert not stage_complete(changed, "sasrec")
+    proc = run("cli.py", "pipeline", "--config", "configs/ml100k/pipeline.yaml", "--run_dir",
+               str(changed), "--stages", "sasrec", *SLICE, "--model.init_args.hidden_size=16")
+    assert f"{emb} has 100 bytes" in proc.stderr and "re-running" in proc.stderr
+    assert stage_complete(changed, "sasrec", hashes=True)
 
 
 def test_ddp_evaluation_matches_single_process(pipeline_run, tmp_path):

@@ -1,7 +1,8 @@
 """Atomic artifact writes and stage completion markers of the run directory.
 
-A stage folder is complete only when its ``stage.json`` exists; it is written last and
-atomically (temp file + rename), so a killed run never leaves a stage that looks complete.
+A stage folder is complete only when its ``stage.json`` exists and every artifact it lists
+(path, size, sha256) is still there unchanged; it is written last and atomically (temp file +
+rename), so a killed run never leaves a stage that looks complete.
 """
 
 from __future__ import annotations
@@ -86,8 +87,62 @@ def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
     return Path(run_dir) / stage
 
 
-def stage_complete(run_dir: str | os.PathLike, stage: str) -> bool:
-    return (stage_dir(run_dir, stage) / STAGE_MARKER).exists()
+# Files of a stage folder that evaluations rewrite (reports, not artifacts of the stage).
+REPORT_FILES = frozenset({STAGE_MARKER, "metrics.json"})
+
+
+def _is_artifact(rel: Path) -> bool:
+    return not any(part.startswith(".") for part in rel.parts) and \
+        rel.name not in REPORT_FILES and not rel.name.startswith("predictions")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_artifacts(folder: str | os.PathLike) -> list[dict]:
+    """Every artifact file under a stage folder: ``{"path", "bytes", "sha256"}``, sorted."""
+    folder = Path(folder)
+    out = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        if _is_artifact(rel):
+            out.append({"path": rel.as_posix(), "bytes": path.stat().st_size,
+                        "sha256": file_sha256(path)})
+    return out
+
+
+def artifact_problems(folder: str | os.PathLike, record: dict, hashes: bool = True) -> list[str]:
+    """What no longer matches the artifact list of a ``stage.json`` record: missing files,
+    other sizes and (with ``hashes``) other contents. Empty when everything matches."""
+    folder, problems = Path(folder), []
+    for entry in record.get("artifacts") or []:
+        path = folder / entry["path"]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {entry['bytes']} recorded")
+        elif hashes and file_sha256(path) != entry["sha256"]:
+            problems.append(f"{path} changed since the stage finished (sha256 differs)")
+    return problems
+
+
+def stage_complete(run_dir: str | os.PathLike, stage: str, hashes: bool = False) -> bool:
+    """``stage.json`` exists, is readable, and its artifacts are all there with their recorded
+    sizes (and contents, with ``hashes``)."""
+    marker = stage_dir(run_dir, stage) / STAGE_MARKER
+    if not marker.exists():
+        return False
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and \
+        not artifact_problems(marker.parent, record, hashes=hashes)
 
 
 def read_stage(run_dir: str | os.PathLike, stage: str) -> dict:
@@ -102,7 +157,18 @@ def read_stage(run_dir: str | os.PathLike, stage: str) -> dict:
 
 
 def mark_stage_complete(run_dir: str | os.PathLike, stage: str, info: dict) -> Path:
-    return atomic_write_json(stage_dir(run_dir, stage) / STAGE_MARKER, info)
+    """Write ``stage.json`` (``info`` plus the list of the folder's artifacts) last."""
+    folder = stage_dir(run_dir, stage)
+    folder.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(folder / STAGE_MARKER,
+                             {**info, "artifacts": list_artifacts(folder)})
+
+
+def upstream_digest(record: dict) -> str:
+    """What a downstream stage's fingerprint takes from a finished stage: its fingerprint and
+    the contents of its artifacts."""
+    return fingerprint(record.get("stage_fingerprint"),
+                       [(a["path"], a["sha256"]) for a in record.get("artifacts") or []])
 
 
 def fingerprint(*parts: Any) -> str:
@@ -128,7 +194,9 @@ def find_stage(roots, stage: str, stage_fingerprint: str) -> Path | None:
                 record = json.loads(marker.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if isinstance(record, dict) and record.get("stage_fingerprint") == stage_fingerprint:
+            if isinstance(record, dict) and \
+                    record.get("stage_fingerprint") == stage_fingerprint and \
+                    not artifact_problems(marker.parent, record, hashes=False):
                 return marker.parent
     return None
 
@@ -145,6 +213,11 @@ def copy_stage(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(STAGE_MARKER, ".*.tmp*"))
+    problems = artifact_problems(tmp, record)
+    if problems:
+        shutil.rmtree(tmp)
+        raise ValueError(f"{source}: cannot reuse this stage, its artifacts do not match its "
+                         f"stage.json: {'; '.join(problems)}")
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
