@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from callbacks.resume import RNGState, last_checkpoint
 from callbacks.selfplay import SelfPlayCallback
 from callbacks.timing import StageTimer
 from lightning_modules.components.artifacts import (
@@ -58,6 +59,21 @@ class Align3CLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        self._raw_args = list(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``, Lightning puts the checkpoint's hyperparameters over the
+        config; the command's own arguments are applied again after them, so the checkpoint
+        supplies what was trained and the command line still wins (run_dir, num_beams,
+        predict_top_k, batch sizes, ...)."""
+        before = self.config
+        super()._parse_ckpt_path()
+        if self.config is before or not self.config.get("subcommand"):
+            return
+        self.config = self.parser.parse_args(self._raw_args, namespace=self.config)
 
     def instantiate_classes(self) -> None:
         if not self._parse_only:
@@ -119,7 +135,10 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
         record["seconds"] = round(seconds, 2)
     if provenance:
         record.update(provenance)
+    folder = stage_dir(run_dir, _stage_name(model))
+    (folder / "checkpoints" / "last.ckpt").unlink(missing_ok=True)  # resume state, done with
     mark_stage_complete(run_dir, _stage_name(model), record)
+    (folder / RESUME_MARKER).unlink(missing_ok=True)
     return record
 
 
@@ -201,6 +220,53 @@ def stage_fingerprint(name: str, config: str, run_dir: Path, extra: list[str],
             "upstream": dict(upstream)}
 
 
+RESUME_MARKER = ".resume.json"  # in a stage folder while the stage runs: what it computes
+
+
+def _prepare_resume(folder: Path, fp: str | None, resumable: bool, rank0: bool) -> str | None:
+    """``last.ckpt`` to continue from when an interrupted run of the same stage (same
+    fingerprint) left one; otherwise ``None``, after clearing the stage's old checkpoints (no
+    stale ``best.ckpt`` survives a fresh start)."""
+    import json
+    import shutil
+
+    import torch
+
+    ckdir, marker = folder / "checkpoints", folder / RESUME_MARKER
+    last = ckdir / "last.ckpt"
+    if resumable and marker.exists() and last.exists():
+        try:
+            same = json.loads(marker.read_text()).get("stage_fingerprint") == fp
+        except (OSError, ValueError):
+            same = False
+        if same:
+            try:
+                torch.load(last, map_location="cpu", weights_only=False)
+                log.warning("stage %s: resuming the interrupted run from %s (epoch %s)",
+                            folder.name, last, _checkpoint_epoch(str(last)))
+                return str(last)
+            except Exception as err:  # noqa: BLE001 - a torn write; start over
+                log.warning("stage %s: %s is unreadable (%s); the stage starts over",
+                            folder.name, last, err)
+    if rank0:
+        if ckdir.exists():
+            shutil.rmtree(ckdir)
+        folder.mkdir(parents=True, exist_ok=True)
+        from lightning_modules.components.artifacts import atomic_write_json
+
+        atomic_write_json(marker, {"stage_fingerprint": fp})
+    return None
+
+
+def _checkpoint_epoch(path: str) -> int | None:
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
               provenance: dict | None = None) -> dict | None:
     """Fit, validate and test one stage with its best checkpoint; export its artifacts."""
@@ -208,11 +274,19 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     timer = StageTimer()
     trainer.callbacks.append(timer)
+    folder = run_dir / name
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
-            cb.dirpath = str(run_dir / name / "checkpoints")
+            cb.dirpath = str(folder / "checkpoints")
+    fp = (provenance or {}).get("stage_fingerprint")
+    resumable = bool(fp) and trainer.checkpoint_callbacks and getattr(model, "resumable", True)
+    if resumable:
+        trainer.callbacks.extend([RNGState(), last_checkpoint(folder / "checkpoints")])
+    resume = _prepare_resume(folder, fp, resumable, trainer.is_global_zero)
+    if resume:
+        provenance = {**provenance, "resumed_from": _checkpoint_epoch(resume)}
     start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data, ckpt_path=resume)
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     ckpt = ckpt or None
     valid = test = None

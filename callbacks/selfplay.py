@@ -76,6 +76,8 @@ class SelfPlayCallback(Callback):
         self.batch_size = batch_size
         self.progress_bar = progress_bar
         self.history: list[dict] = []  # per regeneration: epoch, stage, stats, seconds
+        self._pairs_epoch: int | None = None  # the epoch the current pairs are for
+        self._resume_epoch: int | None = None  # from a checkpoint: regenerate this epoch's
 
     # -- hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -86,7 +88,19 @@ class SelfPlayCallback(Callback):
             trainer.reload_dataloaders_every_n_epochs = 1
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.regenerate(trainer, pl_module, epoch=trainer.current_epoch)
+        # On resume the loops are restored only after on_fit_start: the epoch to continue
+        # with comes from this callback's checkpointed state.
+        epoch = self._resume_epoch if self._resume_epoch is not None else trainer.current_epoch
+        self._resume_epoch = None
+        if pl_module.stage_index_at(epoch) is not None:
+            self.regenerate(trainer, pl_module, epoch=epoch)
+
+    def state_dict(self) -> dict:
+        return {"pairs_epoch": self._pairs_epoch, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state.get("history", []))
+        self._resume_epoch = state.get("pairs_epoch")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -123,6 +137,7 @@ class SelfPlayCallback(Callback):
         pairs.stats.update({"generation_seconds": round(gen_seconds, 2),
                             "seconds": round(time.perf_counter() - start, 2)})
         dm.set_pairs(pairs)
+        self._pairs_epoch = epoch
         self.history.append({"epoch": epoch, "stage": stage.name, **pairs.stats})
         log.info("epoch %d, stage %s: %s", epoch, stage.name,
                  ", ".join(f"{k}={v}" for k, v in pairs.stats.items()))

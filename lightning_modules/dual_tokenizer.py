@@ -81,6 +81,9 @@ class DualTokenizer(L.LightningModule):
     """
 
     stage_name = STAGE  # the run-directory folder the CLI and the pipeline use
+    # A killed tokenizer stage starts over (it is the shortest stage): part of the quantizers'
+    # training state (dead-code counters, the k-means initialisation) is not in a checkpoint.
+    resumable = False
 
     def __init__(self, quantizer: QuantizerFactory | None = None,
                  collisions: CollisionResolver | None = None, fused_dim: int = 64,

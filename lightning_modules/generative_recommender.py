@@ -331,9 +331,9 @@ class GenerativeRecommender(L.LightningModule):
 
     def on_test_end(self) -> None:
         if self.run_dir and self.trainer.is_global_zero:
-            # metrics.json always; stage.json only to update a stage already exported (the
-            # completion marker must never come before the HF folder).
-            self._write_metrics(complete=(Path(self.run_dir) / STAGE / "stage.json").exists())
+            # metrics.json only: stage.json belongs to whoever exports the stage (the pipeline
+            # or `cli.py fit`), so a later `cli.py test` never rewrites a finished stage.
+            self._write_metrics(complete=False)
 
     # -- prediction -------------------------------------------------------------------------
     def predict_step(self, batch, batch_idx):

@@ -263,6 +263,7 @@ class PreferenceAligner(L.LightningModule):
         # Reference = trainable tensors at the stage start; not in the state_dict on purpose.
         self._reference: dict[str, torch.Tensor] | None = None
         self._active_stage: int | None = None
+        self._optimizer_reset_pending = False  # cleared at the next epoch start
         self._fit_start: float | None = None
 
     # -- building -------------------------------------------------------------------------------
@@ -368,9 +369,9 @@ class PreferenceAligner(L.LightningModule):
             return False
         self._reference = {n: p.detach().clone() for n, p in self.trainable_parameters().items()}
         self._active_stage = index
-        if self.reset_optimizer and self._trainer is not None:
-            for opt in self.trainer.optimizers:
-                opt.state.clear()
+        # The moments are cleared when the stage's first epoch starts (on_train_epoch_start):
+        # after a resume, that is after Lightning has restored the optimizer.
+        self._optimizer_reset_pending = self.reset_optimizer
         log.info("preference stage %s (%d/%d): reference reset, negatives=%s, lr=%g",
                  self.schedule[index].name, index + 1, len(self.schedule),
                  self.schedule[index].negatives, self.schedule[index].lr)
@@ -388,6 +389,8 @@ class PreferenceAligner(L.LightningModule):
             with torch.no_grad():
                 for name, ref in self._reference.items():
                     p = params[name]
+                    if ref.device != p.device:  # restored from a checkpoint before the move
+                        ref = ref.to(p.device)
                     p.data, self._reference[name] = ref, p.data
                     swapped.append(name)
             yield
@@ -444,6 +447,10 @@ class PreferenceAligner(L.LightningModule):
                         "not run", trainer.max_epochs, total, trainer.max_epochs)
 
     def on_train_epoch_start(self) -> None:
+        if self._optimizer_reset_pending and self._trainer is not None:
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
+            self._optimizer_reset_pending = False
         epoch = self.current_epoch
         stage = self.stage_at(epoch)
         dm = self._datamodule()
@@ -517,6 +524,30 @@ class PreferenceAligner(L.LightningModule):
                    if k.startswith(prefix)}
         self.per_stage.setdefault(stage.name, {}).setdefault("train", {})[
             str(self.current_epoch)] = summary
+
+    # -- resume -----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The curriculum position and the frozen reference, so that a killed stage resumes
+        # inside its curriculum with the same reference (cli.run_stage resumes from last.ckpt).
+        checkpoint["preference_state"] = {
+            "active_stage": self._active_stage,
+            "reference": None if self._reference is None else
+            {n: t.detach().cpu() for n, t in self._reference.items()},
+            "optimizer_reset_pending": self._optimizer_reset_pending,
+            "per_stage": self.per_stage, "skipped_stages": list(self.skipped_stages)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("preference_state")
+        trainer = self._trainer
+        # Only a resumed fit continues the curriculum; validate/test with the best checkpoint
+        # keep this fit's records (per_stage holds every stage's validation).
+        if not state or trainer is None or trainer.state.fn != "fit":
+            return
+        self._active_stage = state["active_stage"]
+        self._reference = state["reference"]
+        self._optimizer_reset_pending = bool(state["optimizer_reset_pending"])
+        self.per_stage = state["per_stage"]
+        self.skipped_stages = list(state["skipped_stages"])
 
     def configure_optimizers(self):
         decay, no_decay = [], []

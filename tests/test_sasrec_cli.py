@@ -174,3 +174,15 @@ def test_pipeline_rejects_unknown_flags_and_stages(tmp_path):
                           "configs/ml100k/pipeline.yaml", "--bogus", "1"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--bogus" in bad.stderr
+
+
+def test_test_subcommand_with_ckpt_path_honours_overrides_and_keeps_the_run(pipeline_run):
+    marker = pipeline_run / "sasrec" / "stage.json"
+    before = marker.read_bytes()
+    ckpt = str(pipeline_run / "sasrec" / "checkpoints" / "best.ckpt")
+    proc = run("cli.py", "test", "--config", "configs/ml100k/sasrec.yaml", "--ckpt_path", ckpt,
+               f"--model.init_args.run_dir={pipeline_run}", "--model.init_args.ks=[1,3]",
+               "--data.init_args.max_users=50", "--trainer.logger=false", *SLICE[1:])
+    # The checkpoint's hyperparameters said ks [5, 10]; the command line wins.
+    assert "test/recall@3" in proc.stdout and "test/recall@10" not in proc.stdout
+    assert marker.read_bytes() == before

@@ -70,8 +70,10 @@ def test_short_sft_run_gives_metrics_and_artifacts(trained):
         assert 0.0 <= test[f"test/{key}"] <= 1.0
         assert 0.0 <= model.results["valid"][key] <= 1.0
     assert test["test/recall@10"] >= test["test/recall@5"]
-    stage = json.loads((run_dir / "sft" / "stage.json").read_text())
-    assert set(stage["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    # A test after the export reports into metrics.json; stage.json stays as exported.
+    metrics = json.loads((run_dir / "sft" / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    assert "test" not in json.loads((run_dir / "sft" / "stage.json").read_text())
     hf = run_dir / "sft" / "hf"
     assert (hf / "scid_map.json").exists() and (hf / "tokenizer.json").exists()
 

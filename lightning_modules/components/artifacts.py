@@ -166,9 +166,11 @@ def mark_stage_complete(run_dir: str | os.PathLike, stage: str, info: dict) -> P
 
 def upstream_digest(record: dict) -> str:
     """What a downstream stage's fingerprint takes from a finished stage: its fingerprint and
-    the contents of its artifacts."""
+    the contents of the artifacts it exported. Checkpoints are left out: later stages read
+    the exports, and a checkpoint also holds its own path and the trainer's loop state."""
     return fingerprint(record.get("stage_fingerprint"),
-                       [(a["path"], a["sha256"]) for a in record.get("artifacts") or []])
+                       [(a["path"], a["sha256"]) for a in record.get("artifacts") or []
+                        if not a["path"].startswith("checkpoints/")])
 
 
 def fingerprint(*parts: Any) -> str:
