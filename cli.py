@@ -69,6 +69,12 @@ class Align3CLI(LightningCLI):
         config; the command's own arguments are applied again after them, so the checkpoint
         supplies what was trained and the command line still wins (run_dir, num_beams,
         predict_top_k, batch sizes, ...)."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and Path(ckpt).is_file():
+            from lightning_modules.components.artifacts import _stage_of, check_checkpoint
+
+            check_checkpoint(ckpt, _stage_of(Path(ckpt).resolve()))
         before = self.config
         super()._parse_ckpt_path()
         if self.config is before or not self.config.get("subcommand"):

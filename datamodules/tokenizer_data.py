@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import RecDataModule
 from datamodules.schema import DataError
-from lightning_modules.components.artifacts import read_stage, stage_dir
+from lightning_modules.components.artifacts import load_tensor, read_stage, stage_dir
 from lightning_modules.components.text_encoder import TextEncoder
 from lightning_modules.components.threads import pinned_threads
 
@@ -63,7 +63,7 @@ def load_collaborative_embeddings(run_dir: str, dataset: str, num_items: int,
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing although {marker} exists; rerun the "
                                     "'sasrec' stage")
-        emb = torch.load(path, map_location="cpu", weights_only=True)
+        emb = load_tensor(path, SASREC_STAGE, "SASRec embeddings (a float tensor file)")
         if not isinstance(emb, Tensor) or emb.dim() != 2 or emb.shape[0] != rows:
             shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
             raise ValueError(f"{path}: expected a float tensor [{rows}, d], got {shape}")

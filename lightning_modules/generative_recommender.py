@@ -37,9 +37,11 @@ from datamodules.prompts import (
     pad_items,
 )
 from lightning_modules.components.artifacts import (
+    ArtifactError,
     atomic_write_json,
     atomic_write_text,
     mark_stage_complete,
+    read_json,
 )
 from lightning_modules.components.backbone import (
     BackboneConfig,
@@ -505,10 +507,22 @@ class GenerativeRecommender(L.LightningModule):
         ``overrides`` are constructor arguments (``run_dir``, ``num_beams``, ``lr`` ...).
         Call :meth:`attach_data` before :meth:`build_prompts`.
         """
+        hf_dir = Path(hf_dir)
+        info = read_json(hf_dir / SFT_INFO_FILE)
+        try:
+            return cls._from_hf(hf_dir, info, trainable, overrides)
+        except (FileNotFoundError, ArtifactError):
+            raise
+        except Exception as err:  # noqa: BLE001 - safetensors, tokenizers, peft errors
+            raise ArtifactError(hf_dir, "the exported SFT model (weights, tokenizer, SCID map)",
+                                hf_dir.parent.name if hf_dir.name == "hf" else None,
+                                err) from err
+
+    @classmethod
+    def _from_hf(cls, hf_dir: Path, info: dict, trainable: bool,
+                 overrides: dict) -> GenerativeRecommender:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        hf_dir = Path(hf_dir)
-        info = json.loads((hf_dir / SFT_INFO_FILE).read_text())
         backbone = BackboneConfig(**info["backbone"])
         lora = LoraSettings(**info["lora"])
         module = cls(backbone=backbone, lora=lora, **overrides)
@@ -534,6 +548,9 @@ def load_generative_recommender(path: str | os.PathLike, **overrides) -> Generat
     """Load from an HF folder (``.../sft/hf``), a run directory, or a Lightning checkpoint."""
     path = Path(path)
     if path.is_file():
+        from lightning_modules.components.artifacts import check_checkpoint
+
+        check_checkpoint(path)
         return GenerativeRecommender.load_from_checkpoint(path, map_location="cpu", **overrides)
     if (path / SFT_INFO_FILE).exists():
         return GenerativeRecommender.from_pretrained_dir(path, **overrides)

@@ -18,6 +18,53 @@ import torch
 STAGE_MARKER = "stage.json"
 
 
+class ArtifactError(ValueError):
+    """An artifact of a run that cannot be read: names the file, what was expected and the
+    stage that writes it (re-running that stage replaces it)."""
+
+    def __init__(self, path: str | os.PathLike, expected: str, stage: str | None,
+                 cause: BaseException | str | None = None) -> None:
+        detail = f" ({type(cause).__name__}: {cause})" if isinstance(cause, BaseException) \
+            else (f" ({cause})" if cause else "")
+        advice = (f"; re-run the '{stage}' stage (python cli.py pipeline --config ... "
+                  f"--stages {stage} --force)" if stage else "")
+        super().__init__(f"{path}: cannot read {expected}{_short(detail)}{advice}")
+        self.path, self.stage = Path(path), stage
+
+
+def _short(text: str, limit: int = 300) -> str:
+    # Library messages can run to many lines (torch's unpickling advice among them): one line.
+    first = " ".join(text.split())
+    return first if len(first) <= limit else first[:limit] + "...)"
+
+
+def load_tensor(path: str | os.PathLike, stage: str, expected: str = "a tensor file"):
+    """``torch.load(path, weights_only=True)``, any failure an :class:`ArtifactError`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torn writes raise anything from OSError on
+        raise ArtifactError(path, expected, stage, err) from err
+
+
+def check_checkpoint(path: str | os.PathLike, stage: str | None = None) -> None:
+    """Fail early, with the file named, on a checkpoint that does not load safely (truncated,
+    not a checkpoint, or holding objects that only ``weights_only=False`` would unpickle,
+    which this framework never does for you)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ArtifactError(path, "a Lightning checkpoint of this framework", stage,
+                            "truncated, not a checkpoint, or holding objects outside torch's "
+                            f"safe set: {type(err).__name__}") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ArtifactError(path, "a Lightning checkpoint of this framework", stage,
+                            "no state_dict in it")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,8 +126,16 @@ def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(path, "JSON", _stage_of(path), err) from err
+
+
+def _stage_of(path: Path) -> str | None:
+    """The stage folder a run-directory file lies in (``<run>/<stage>/...``), if any."""
+    return next((p.name for p in path.parents if p.name in KNOWN_STAGES), None)
+
+
+KNOWN_STAGES = frozenset({"popular", "sasrec", "tokenizer", "sft", "dpo"})
 
 
 def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:

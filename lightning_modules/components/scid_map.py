@@ -183,8 +183,15 @@ def load_scid_map(path: str | os.PathLike) -> SCIDMap:
         path = path / SCID_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no SCID map here; run the 'tokenizer' stage first")
+    from lightning_modules.components.artifacts import ArtifactError
+
     try:
         d = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed SCID map JSON ({err})") from err
-    return SCIDMap.from_dict(d, source=str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(path, "the SCID map (JSON)", "tokenizer", err) from err
+    try:
+        return SCIDMap.from_dict(d, source=str(path))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        detail = str(err).removeprefix(f"{path}: ")
+        raise ArtifactError(path, "the SCID map (items, users, codebook sizes)", "tokenizer",
+                            detail) from err
