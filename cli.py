@@ -48,6 +48,10 @@ from lightning_modules.components.report import write_reports
 log = logging.getLogger("align3gr")
 
 
+class ConfigError(ValueError):
+    """An option of a stage config that its class refused (the message names the option)."""
+
+
 class Align3CLI(LightningCLI):
     """LightningCLI in subclass mode for model and data; exports stage artifacts after fit."""
 
@@ -82,8 +86,19 @@ class Align3CLI(LightningCLI):
         self.config = self.parser.parse_args(self._raw_args, namespace=self.config)
 
     def instantiate_classes(self) -> None:
-        if not self._parse_only:
+        if self._parse_only:
+            return
+        try:
             super().instantiate_classes()
+        except ValueError as err:
+            # jsonargparse wraps a constructor's own message in a dump of the whole config;
+            # the constructor's message (it names the option) is the error.
+            root = err
+            while root.__cause__ is not None:
+                root = root.__cause__
+            if root is err or not isinstance(root, (ValueError, TypeError)):
+                raise
+            raise ConfigError(str(root)) from err
 
     def after_instantiate_classes(self) -> None:
         if not self._parse_only:
@@ -633,5 +648,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> int:
+    """``main`` for the command line: errors the user can fix (a refused option, bad data, an
+    unreadable artifact) end with their message as the last line, not under a traceback."""
+    from datamodules.schema import DataError
+    from lightning_modules.components.artifacts import ArtifactError
+
+    try:
+        return main()
+    except (ConfigError, DataError, ArtifactError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -87,3 +87,26 @@ def test_find_and_copy_stage(tmp_path):
     assert not (dest / "stale").exists()
     record = json.loads((dest / "stage.json").read_text())
     assert record["reused_from"] == str(src / "sft") and record["test"] == {"ndcg@10": 0.1}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config", "configs/ml100k/sasrec.yaml", "--data.init_args.batch_size=0"],
+     "error: data.batch_size must be an integer >= 1, got 0"),
+    (["--config", "configs/ml100k/sasrec.yaml", "--data.init_args.max_users=0"],
+     "error: data.max_users must be an integer >= 1 or null, got 0"),
+    (["--config", "configs/ml100k/sft.yaml", "--model.init_args.num_beams=5"],
+     "error: num_beams (5) must be >= max(ks) (10)"),
+])
+def test_refused_options_end_the_command_with_their_message(flags, message):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "cli.py", "fit", *flags, "--trainer.logger=false"],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == message
+    assert "Given value" not in proc.stderr and "Traceback" not in proc.stderr
