@@ -293,3 +293,10 @@ def test_bad_parse_never_replaces_a_good_cache(tmp_path, monkeypatch):
                         lambda *a, **k: pytest.fail("good cache entry was not reused"))
     again = load(tmp_path, "ok")
     np.testing.assert_array_equal(again.items, first.items)
+
+
+def test_data_dir_without_movielens_files_is_an_error(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(DataError, match=r"data_dir .*elsewhere: no MovieLens 100K files there"):
+        load_dataset("ml-100k", data_dir=str(tmp_path / "elsewhere"),
+                     cache_dir=str(tmp_path / "cache"))

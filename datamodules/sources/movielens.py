@@ -74,10 +74,15 @@ def locate(raw_dir: str | Path, data_dir: str | Path | None = None
     """
     raw_dir = Path(raw_dir)
     if data_dir is not None:
-        found = _locate_local(Path(data_dir).expanduser())
+        folder = Path(data_dir).expanduser()
+        found = _locate_local(folder)
         if found is not None:
             return found
-        log.debug("no MovieLens 100K files in %s; using the cache or a download", data_dir)
+        # An explicit folder that holds no copy is a mistake, not a reason to download.
+        raise DataError(f"data_dir {folder}: no MovieLens 100K files there (expected "
+                        f"{folder / 'ml-100k.zip'}, {folder / 'u.data'}, "
+                        f"{folder / NAME / 'u.data'} or {folder / (NAME + '.inter')}); leave "
+                        "data_dir unset to use the built-in download")
 
     archive = raw_dir / "ml-100k.zip"
     if archive.is_file():

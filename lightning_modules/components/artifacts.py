@@ -24,18 +24,18 @@ class ArtifactError(ValueError):
 
     def __init__(self, path: str | os.PathLike, expected: str, stage: str | None,
                  cause: BaseException | str | None = None) -> None:
-        detail = f" ({type(cause).__name__}: {cause})" if isinstance(cause, BaseException) \
-            else (f" ({cause})" if cause else "")
+        detail = f" ({_short(f'{type(cause).__name__}: {cause}')})" \
+            if isinstance(cause, BaseException) else (f" ({_short(str(cause))})" if cause else "")
         advice = (f"; re-run the '{stage}' stage (python cli.py pipeline --config ... "
                   f"--stages {stage} --force)" if stage else "")
-        super().__init__(f"{path}: cannot read {expected}{_short(detail)}{advice}")
+        super().__init__(f"{path}: cannot read {expected}{detail}{advice}")
         self.path, self.stage = Path(path), stage
 
 
 def _short(text: str, limit: int = 300) -> str:
     # Library messages can run to many lines (torch's unpickling advice among them): one line.
     first = " ".join(text.split())
-    return first if len(first) <= limit else first[:limit] + "...)"
+    return first if len(first) <= limit else first[:limit] + "..."
 
 
 def load_tensor(path: str | os.PathLike, stage: str, expected: str = "a tensor file"):
