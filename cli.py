@@ -496,6 +496,7 @@ subcommands:
   predict    write top-k recommendations with a stage's model (--ckpt_path ...)
   pipeline   run every stage of a pipeline YAML into one run directory (the main job)
   experiment run the rows of an experiment YAML with several seeds; intervals, paired tests
+  serve      serve a trained model over HTTP with LitServe (POST /predict, GET /health)
 
 examples:
   python cli.py pipeline --config configs/ml100k/pipeline.yaml --run_dir runs/ml100k
@@ -643,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
         return pipeline(argv[1:])
     if argv and argv[0] == "experiment":
         return experiment(argv[1:])
+    if argv and argv[0] == "serve":
+        from lightning_modules.serve import serve
+
+        return serve(argv[1:])
     # From the command line LightningCLI reads sys.argv itself (passing it too makes it warn).
     Align3CLI(args=None if from_command_line else argv)
     return 0

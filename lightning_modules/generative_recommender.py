@@ -28,14 +28,6 @@ import lightning as L
 import numpy as np
 import torch
 
-from datamodules.prompts import (
-    IGNORE_INDEX,
-    PromptBuilder,
-    collate_encoded,
-    encode_prompts,
-    encode_segments,
-    pad_items,
-)
 from lightning_modules.components.artifacts import (
     ArtifactError,
     atomic_write_json,
@@ -55,6 +47,15 @@ from lightning_modules.components.backbone import (
 from lightning_modules.components.decoding import ItemTrie, constrained_beam_search
 from lightning_modules.components.lm_loss import causal_lm_loss
 from lightning_modules.components.metrics import RankingEvaluator
+from lightning_modules.components.prompts import (
+    CATALOG_FILE,
+    IGNORE_INDEX,
+    PromptBuilder,
+    collate_encoded,
+    encode_prompts,
+    encode_segments,
+    pad_items,
+)
 from lightning_modules.components.schedules import warmup_cosine
 from lightning_modules.components.scid_map import SCIDMap, load_scid_map
 
@@ -448,6 +449,8 @@ class GenerativeRecommender(L.LightningModule):
             "parameters": count_parameters(self.model),
         }
         atomic_write_json(tmp / SFT_INFO_FILE, info)
+        if self.prompts is not None:  # what serving needs without the data (Recommender)
+            atomic_write_json(tmp / CATALOG_FILE, self.prompts.catalog())
         if hf.exists():
             import shutil
             shutil.rmtree(hf)

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from callbacks.selfplay import SelfPlayCallback
 from datamodules.preference_data import NEGATIVE_KINDS, PreferenceDataModule
-from datamodules.prompts import encode_prompts
+from lightning_modules.components.prompts import encode_prompts
 from lightning_modules.preference_aligner import (
     PreferenceAligner,
     PreferenceStage,

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.prompts import (
+from datamodules.schema import RecDataset
+from datamodules.sft_data import SFTTrainDataset
+from datamodules.split import leave_one_out
+from lightning_modules.components.prompts import (
     IGNORE_INDEX,
     PromptBuilder,
     default_templates_path,
     encode_prompts,
     encode_segments,
 )
-from datamodules.schema import RecDataset
-from datamodules.sft_data import SFTTrainDataset
-from datamodules.split import leave_one_out
 from lightning_modules.components.scid_map import SCIDMap
 from lightning_modules.components.text_tokenizer import add_scid_tokens, train_text_tokenizer
 

@@ -1,5 +1,8 @@
 """Prompt builders of the SFT tasks and the tokenisation that turns them into training rows.
 
+Shared by the data side (training rows) and the model side (evaluation and serving prompts),
+so it lives below both.
+
 Tasks (Align3GR behaviour level; templates in ``configs/templates/<dataset>_prompts.yaml``):
 
 =================  ==========================================  ==========================
@@ -25,17 +28,22 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import yaml
 
-from datamodules.schema import RecDataset
 from lightning_modules.components.scid_map import SCIDMap
 
+if TYPE_CHECKING:  # the data schema, for annotations only (components import no datamodule)
+    from datamodules.schema import RecDataset
+
 IGNORE_INDEX = -100
+CATALOG_FILE = "catalog.json"  # beside an exported model: see PromptBuilder.catalog
+CATALOG_FORMAT = "align3gr-catalog/1"
 TASKS = ("seqrec", "item2index", "index2item", "user2index", "index2user", "fusionseqrec")
-_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "configs" / "templates"
+_TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "configs" / "templates"
 
 Segments = list[tuple[str, bool]]
 
@@ -73,12 +81,16 @@ class PromptBuilder:
         item_fields: item text fields in text responses (``None``: all).
     """
 
-    def __init__(self, dataset: RecDataset, scid_map: SCIDMap, templates: dict | str | Path,
-                 inject_user: bool = True, max_history: int = 20, fusion_history: int = 5,
-                 seqrec_mode: str = "sequence", item_fields: list[str] | None = None) -> None:
+    def __init__(self, dataset: RecDataset | None, scid_map: SCIDMap,
+                 templates: dict | str | Path, inject_user: bool = True, max_history: int = 20,
+                 fusion_history: int = 5, seqrec_mode: str = "sequence",
+                 item_fields: list[str] | None = None,
+                 titles: list[str] | None = None) -> None:
         if seqrec_mode not in ("sequence", "prompt"):
             raise ValueError(f"seqrec_mode must be 'sequence' or 'prompt', got {seqrec_mode!r}")
-        if scid_map.num_items != dataset.num_items:
+        if dataset is None and titles is None:
+            raise ValueError("PromptBuilder needs the dataset or, for prompts only, the titles")
+        if dataset is not None and scid_map.num_items != dataset.num_items:
             raise ValueError(f"SCID map has {scid_map.num_items} items, dataset "
                              f"{dataset.name} has {dataset.num_items}: they do not belong together")
         self.dataset = dataset
@@ -89,6 +101,7 @@ class PromptBuilder:
         self.fusion_history = fusion_history
         self.seqrec_mode = seqrec_mode
         self.item_fields = item_fields
+        self._titles = titles
         self._item_str = [scid_map.item_string(i) for i in range(scid_map.num_items)]
         self._user_str = ([scid_map.user_string(u) for u in range(scid_map.num_users)]
                           if scid_map.has_users else None)
@@ -115,9 +128,13 @@ class PromptBuilder:
         return self._sep.join(self._item_str[int(i)] for i in hist)
 
     def item_text(self, item: int) -> str:
+        if self.dataset is None:
+            return self._titles[int(item)]
         return self.dataset.item_text(int(item), self.item_fields) or f"item {item}"
 
     def item_title(self, item: int) -> str:
+        if self.dataset is None:
+            return self._titles[int(item)]
         feats = self.dataset.item_features
         if feats is not None and feats[int(item)].get("title"):
             return feats[int(item)]["title"]
@@ -211,6 +228,32 @@ class PromptBuilder:
         text = self._pick("fusionseqrec_index", rng, None).format(
             user=self.user_phrase(user), history_titles=titles)
         return [(self.wrap(text), False), (self.item_scid(target), True)]
+
+    # -- a model's catalogue, for serving without the data -----------------------------------
+    def catalog(self) -> dict:
+        """What building a next-item prompt and naming the answer need, without the dataset:
+        raw item ids and titles (by internal id), raw user ids, and the prompt settings."""
+        ds = self.dataset
+        return {"format": CATALOG_FORMAT, "dataset": ds.name,
+                "items": [str(i) for i in ds.item_ids],
+                "titles": [self.item_title(i) for i in range(ds.num_items)],
+                "users": [str(u) for u in ds.user_ids] if self._user_str is not None else None,
+                "prompt": {"templates": self.templates, "inject_user": self.inject_user,
+                           "max_history": self.max_history, "seqrec_mode": self.seqrec_mode}}
+
+    @classmethod
+    def from_catalog(cls, catalog: dict, scid_map: SCIDMap) -> PromptBuilder:
+        """A prompt-only builder (next-item prompts, titles) from :meth:`catalog`'s dict."""
+        if catalog.get("format") != CATALOG_FORMAT:
+            raise ValueError(f"not a catalogue of this framework (format "
+                             f"{catalog.get('format')!r}, expected {CATALOG_FORMAT!r})")
+        if len(catalog["items"]) != scid_map.num_items:
+            raise ValueError(f"the catalogue lists {len(catalog['items'])} items, the SCID map "
+                             f"{scid_map.num_items}")
+        p = catalog["prompt"]
+        return cls(None, scid_map, p["templates"], inject_user=p["inject_user"],
+                   max_history=p["max_history"], seqrec_mode=p["seqrec_mode"],
+                   titles=list(catalog["titles"]))
 
     # -- tokenizer training text ------------------------------------------------------------
     def text_corpus(self) -> list[str]:
