@@ -47,7 +47,8 @@ DEFAULT_TASKS = {"seqrec": 1.0, "item2index": 0.5, "index2item": 0.25, "user2ind
 class SFTTrainDataset(Dataset):
     """Specs ``(task, index)`` of one epoch; the text is drawn in ``__getitem__``.
 
-    ``__getitem__`` returns ``(segments, add_eos)`` (see :mod:`lightning_modules.components.prompts`).
+    ``__getitem__`` returns ``(segments, add_eos)`` (see
+    :mod:`lightning_modules.components.prompts`).
     """
 
     def __init__(self, prompts: PromptBuilder, split, tasks: dict[str, float],
