@@ -11,6 +11,7 @@ from lightning_modules.components.artifacts import (
     stage_complete,
     stage_dir,
 )
+from lightning_modules.components.plots import write_plots
 
 SCHEMA_KEYS = ("valid", "test", "seconds", "per_stage")
 TOKENIZER_KEYS = ("items", "users", "seconds")  # its validation numbers stay in stage.json
@@ -38,7 +39,7 @@ def _fmt_row(name: str, split: str, metrics: dict, keys: list[str]) -> str:
         f"{metrics[k]:.4f}" if k in metrics else "—" for k in keys) + " |"
 
 
-def render_report(metrics: dict) -> str:
+def render_report(metrics: dict, plots: list[str] | None = None) -> str:
     proto = metrics["protocol"]
     ks = proto.get("ks", [5, 10])
     keys = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
@@ -76,14 +77,20 @@ def render_report(metrics: dict) -> str:
     for name, rec in stages.items():
         if "seconds" in rec:
             lines.append(f"| {name} | {rec['seconds']:.1f} |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     lines += ["", "TensorBoard curves: `tensorboard --logdir logs` in this folder.", ""]
     return "\n".join(lines)
 
 
-def write_reports(run_dir: str | Path, dataset: str, stage_names: list[str]) -> Path:
-    """Rebuild ``metrics.json`` and ``report.md`` from the finished stages' ``stage.json``."""
+def write_reports(run_dir: str | Path, dataset: str, stage_names: list[str],
+                  plots_enabled: bool = True) -> Path:
+    """Rebuild ``metrics.json``, the plots and ``report.md`` (which links them) from the
+    finished stages' ``stage.json`` and TensorBoard logs."""
     run_dir = Path(run_dir)
     metrics = collect(run_dir, dataset, stage_names)
     path = atomic_write_json(run_dir / "metrics.json", metrics)
-    atomic_write_text(run_dir / "report.md", render_report(metrics))
+    plots = [] if not plots_enabled else write_plots(run_dir, metrics)
+    atomic_write_text(run_dir / "report.md", render_report(
+        metrics, [str(p.relative_to(run_dir)) for p in plots]))
     return path
