@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from callbacks.progress import PlainProgress
 from callbacks.resume import RNGState, last_checkpoint
 from callbacks.selfplay import SelfPlayCallback
 from callbacks.timing import StageTimer
@@ -295,6 +296,8 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     timer = StageTimer()
     trainer.callbacks.append(timer)
+    if not sys.stderr.isatty():  # logs to a file: plain progress lines instead of a bar
+        trainer.callbacks.append(PlainProgress(name))
     folder = run_dir / name
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
@@ -628,6 +631,24 @@ def experiment(argv: list[str]) -> int:
     return 0
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *needles: str) -> None:
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in self.needles)
+
+
+def quiet_third_party_logs() -> None:
+    """Drop the noise of normal runs: faiss's CPU-feature probing at import and Lightning's
+    advertisement for its cloud logger."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropMessages("litlogger", "LitLogger"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
@@ -635,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party_logs()
     import torch
 
     threads = default_threads()

@@ -125,6 +125,9 @@ def test_pipeline_reuses_equal_stages_and_reruns_changed_ones(pipeline_run, tmp_
                str(changed), "--stages", "sasrec", "--reuse", str(pipeline_run), *SLICE,
                "--model.init_args.hidden_size=16")
     assert "config, seed or upstream changed" in proc.stderr and "copied" not in proc.stderr
+    # Output to a file: plain progress lines; no faiss import probing, no logger advert.
+    assert "sasrec: epoch 2/2 done, step" in proc.stderr and "rows/s" in proc.stderr
+    assert "swigfaiss" not in proc.stderr and "litlogger" not in proc.stderr
     rerun = json.loads((changed / "sasrec" / "stage.json").read_text())
     assert rerun["stage_fingerprint"] != first["stage_fingerprint"]
     assert rerun["embedding_dim"] == 16 and "reused_from" not in rerun
