@@ -77,9 +77,17 @@ class Align3CLI(LightningCLI):
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(ckpt).is_file():
+            import torch
+
             from lightning_modules.components.artifacts import _stage_of, check_checkpoint
 
             check_checkpoint(ckpt, _stage_of(Path(ckpt).resolve()))
+            hparams = torch.load(ckpt, weights_only=True, map_location="cpu").get(
+                "hyper_parameters") or {}
+            if "_class_path" not in hparams:
+                # Not written through this CLI (a plain Trainer): the command's config stands,
+                # the checkpoint gives the weights only.
+                return
         before = self.config
         super()._parse_ckpt_path()
         if self.config is before or not self.config.get("subcommand"):
@@ -104,6 +112,39 @@ class Align3CLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if not self._parse_only:
             super().after_instantiate_classes()
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output", type=str | None, default=None,
+                            help="predict: the JSONL file to write (default: beside the "
+                                 "checkpoint, else <run_dir>/sft/predictions.jsonl)")
+
+    def _output(self) -> str | None:
+        sub = self.config.get("subcommand") if self.config is not None else None
+        return self.config[sub].get("output") if sub else None
+
+    def before_fit(self) -> None:
+        self._only_for_predict()
+
+    def before_validate(self) -> None:
+        self._only_for_predict()
+
+    def before_test(self) -> None:
+        self._only_for_predict()
+
+    def _only_for_predict(self) -> None:
+        if self._output():
+            raise ConfigError("--output applies to predict only")
+
+    def before_predict(self) -> None:
+        if self._output():
+            if not hasattr(self.model, "predict_output"):
+                raise ConfigError(f"--output: {type(self.model).__name__} does not predict")
+            self.model.predict_output = self._output()
+
+    def after_predict(self) -> None:
+        path = getattr(self.model, "last_predictions_path", None)
+        if path is not None:
+            print(f"predictions: {path}")
 
     def after_fit(self) -> None:
         export_stage(self.trainer, self.model, seconds=None)

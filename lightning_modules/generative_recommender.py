@@ -127,6 +127,8 @@ class GenerativeRecommender(L.LightningModule):
         self._split = None
         self._fit_start: float | None = None
         self._predictions: list[dict] = []
+        self.predict_output: str | None = None  # set by `cli.py predict --output FILE`
+        self.last_predictions_path: Path | None = None
         self.results: dict[str, dict[str, float]] = {}
 
     # -- building ---------------------------------------------------------------------------
@@ -355,13 +357,26 @@ class GenerativeRecommender(L.LightningModule):
         self._predictions.extend(out)
         return out
 
+    def predictions_path(self) -> Path | None:
+        """Where ``predict`` writes: ``predict_output`` when set (``cli.py predict --output``),
+        else beside the checkpoint it loaded, else ``<run_dir>/sft/predictions.jsonl``."""
+        if self.predict_output:
+            return Path(self.predict_output)
+        ckpt = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        if ckpt:
+            return Path(ckpt).parent / "predictions.jsonl"
+        return Path(self.run_dir) / STAGE / "predictions.jsonl" if self.run_dir else None
+
     def on_predict_epoch_end(self) -> None:
-        if not self.run_dir:
+        path = self.predictions_path()
+        if path is None:
+            log.warning("predict: no --output, checkpoint or run_dir; predictions not written")
             return
-        rank = self.trainer.global_rank if self.trainer.world_size > 1 else None
-        name = "predictions.jsonl" if rank is None else f"predictions.rank{rank}.jsonl"
+        if self.trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{self.trainer.global_rank}{path.suffix}")
         text = "".join(json.dumps(p) + "\n" for p in self._predictions)
-        atomic_write_text(Path(self.run_dir) / STAGE / name, text)
+        atomic_write_text(path, text)
+        self.last_predictions_path = path
         self._predictions = []
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ export, and loading through plain transformers / peft."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -219,3 +220,23 @@ def test_a_kill_before_the_export_leaves_the_stage_incomplete(tmp_path, monkeypa
         run_stage("sft", str(config), tmp_path, flags)
     assert (tmp_path / "sft" / "metrics.json").exists()
     assert not (tmp_path / "sft" / "stage.json").exists()
+
+
+def test_cli_predict_writes_where_output_says_and_honours_overrides(trained, tmp_path, capsys):
+    from cli import Align3CLI
+
+    run_dir, _, _, tr, _ = trained
+    ckpt = tmp_path / "model.ckpt"
+    tr.save_checkpoint(ckpt)
+    out = tmp_path / "elsewhere" / "top3.jsonl"
+    config = Path(__file__).resolve().parent.parent / "configs" / "ml100k" / "sft.yaml"
+    Align3CLI(args=["predict", "--config", str(config), "--ckpt_path", str(ckpt),
+                    "--output", str(out), f"--model.init_args.run_dir={run_dir}",
+                    f"--data.init_args.run_dir={run_dir}",
+                    f"--data.init_args.max_users={MAX_USERS}",
+                    "--model.init_args.predict_top_k=3", "--trainer.accelerator=cpu",
+                    "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                    *[f"--model.init_args.backbone.{k}={v}" for k, v in TINY.items()]])
+    lines = out.read_text().splitlines()
+    assert len(lines) == MAX_USERS and len(json.loads(lines[0])["items"]) == 3
+    assert f"predictions: {out}" in capsys.readouterr().out
