@@ -409,6 +409,41 @@ def load_spec(parser: argparse.ArgumentParser, path: Path, keys: frozenset, kind
 
 
 PIPELINE_KEYS = frozenset({"dataset", "run_dir", "overrides", "stages"})
+DATASET_KEYS = {"name": "dataset", "source": "source", "data_dir": "data_dir",
+                "kcore": "kcore", "item_text_fields": "item_text_fields",
+                "user_text_fields": "user_text_fields", "templates": "templates"}
+
+
+def _dataset_block(parser: argparse.ArgumentParser, path: Path, value) -> tuple[str, dict]:
+    """``dataset:`` of a pipeline YAML: a label (a string), or a block that configures the
+    data of every stage (``name``, ``source``, ``data_dir``, ``kcore``, text fields,
+    ``templates``). Returns the label and the block (empty for a label)."""
+    if value is None or isinstance(value, str):
+        return value or "", {}
+    if not isinstance(value, dict) or "name" not in value:
+        parser.error(f"{path}: 'dataset' must be a name or a mapping with 'name' (and "
+                     f"optionally {sorted(set(DATASET_KEYS) - {'name'})})")
+    unknown = sorted(set(value) - set(DATASET_KEYS))
+    if unknown:
+        parser.error(f"{path}: dataset has unknown key(s) {unknown}; it accepts "
+                     f"{sorted(DATASET_KEYS)}")
+    return str(value["name"]), dict(value)
+
+
+def _dataset_flags(block: dict, accepted: dict) -> list[str]:
+    """The block as ``--data.init_args.*`` flags; text fields and templates go only to the
+    stages whose DataModule takes them (the tokenizer's text, the sft prompts)."""
+    import json
+
+    flags = []
+    for key, arg in DATASET_KEYS.items():
+        if key not in block or (key not in ("name", "source", "data_dir") and
+                                arg not in accepted):
+            continue
+        value = block[key]
+        text = json.dumps(value) if isinstance(value, (list, dict)) or value is None else value
+        flags.append(f"--data.init_args.{arg}={text}")
+    return flags
 STAGE_KEYS = frozenset({"name", "config", "overrides"})
 
 
@@ -446,6 +481,7 @@ def pipeline(argv: list[str]) -> int:
                          f"stage entry accepts {sorted(STAGE_KEYS)}")
     run_dir = Path(args.run_dir or spec.get("run_dir") or "runs/default")
     wanted = set(args.stages.split(",")) if args.stages else None
+    label, block = _dataset_block(parser, cfg_path, spec.get("dataset"))
     shared = [str(a) for a in spec.get("overrides", [])]
     names = [s["name"] for s in stages]
     if wanted and not wanted <= set(names):
@@ -466,6 +502,11 @@ def pipeline(argv: list[str]) -> int:
             raise FileNotFoundError(f"{cfg_path}: stage '{name}' config {config} does not exist")
         composed = [x for extra in args.stage_config for x in ("--config", extra)]
         extra = composed + shared + [str(a) for a in stage.get("overrides", [])] + passthrough
+        if block:
+            accepted = resolved_stage_config(name, config, run_dir, extra).get(
+                "data", {}).get("init_args", {})
+            # The dataset block goes first: the stage's overrides and the command line win.
+            extra = composed + _dataset_flags(block, accepted) + extra[len(composed):]
         provenance = stage_fingerprint(name, config, run_dir, extra, upstream)
         fp = provenance["stage_fingerprint"]
         if marker.exists() and not args.force:
@@ -485,7 +526,7 @@ def pipeline(argv: list[str]) -> int:
                 copy_stage(source, stage_dir(run_dir, name))
                 log.warning("stage %s: same config, seed and upstream as %s; copied, not "
                             "recomputed", name, source)
-                write_reports(run_dir, spec.get("dataset", ""), names)
+                write_reports(run_dir, label, names)
             upstream[name] = upstream_digest(read_json(stage_dir(source.parent, name)
                                                        / "stage.json"))
             continue
@@ -494,9 +535,9 @@ def pipeline(argv: list[str]) -> int:
         if record is not None:  # rank 0; the other ranks only help compute the stage
             upstream[name] = upstream_digest(read_json(marker))
         if rank0:
-            write_reports(run_dir, spec.get("dataset", ""), names)
+            write_reports(run_dir, label, names)
     if rank0:
-        path = write_reports(run_dir, spec.get("dataset", ""), names)
+        path = write_reports(run_dir, label, names)
         print(f"metrics: {path}\nreport:  {run_dir / 'report.md'}\n"
               f"logs:    tensorboard --logdir {run_dir / 'logs'}")
         for name in names:

@@ -294,6 +294,7 @@ class SFTDataModule(RecDataModule):
         if self.prompts is None:
             self.scid_map = load_scid_map(self.scid_path())
             templates = self.templates or default_templates_path(self.dataset.name)
+            log.info("%s: prompt templates %s", self.dataset.name, templates)
             self.prompts = PromptBuilder(
                 self.dataset, self.scid_map, templates, inject_user=self.inject_user,
                 max_history=self.max_history, fusion_history=self.fusion_history,

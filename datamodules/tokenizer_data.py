@@ -165,6 +165,15 @@ class TokenizerDataModule(RecDataModule):
     def _semantic(self) -> tuple[Tensor, Tensor]:
         """Text embeddings ``[num_items, E]`` and ``[num_users, E]``."""
         data, split = self.dataset, self.split
+        for kind, fields, feats in (("item", self.item_text_fields, data.item_features),
+                                    ("user", self.user_text_fields, data.user_features)):
+            if fields is None or feats is None:
+                continue
+            present = sorted({k for f in feats for k in f})
+            unknown = [f for f in fields if f not in present]
+            if unknown:
+                raise DataError(f"{data.name}: data.{kind}_text_fields {unknown} are not "
+                                f"{kind} fields of this dataset; it has {present}")
         encoder = self._encoder()
         # One thread, so the embeddings (cached afterwards) do not depend on the thread count.
         with pinned_threads(1):

@@ -110,3 +110,23 @@ def test_refused_options_end_the_command_with_their_message(flags, message):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == message
     assert "Given value" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_dataset_block_configures_every_stage(tmp_path, capsys):
+    from cli import pipeline
+
+    spec = tmp_path / "p.yaml"
+    spec.write_text("dataset: {name: ml-100k, kcore: 20}\n"
+                    "stages:\n  - {name: popular, config: configs/ml100k/popular.yaml}\n")
+    run = tmp_path / "run"
+    assert pipeline(["--config", str(spec), "--run_dir", str(run),
+                     "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]) == 0
+    record = json.loads((run / "popular" / "stage.json").read_text())
+    assert record["num_items"] < 1682  # the 20-core filter of the block reached the stage
+    assert json.loads((run / "metrics.json").read_text())["dataset"] == "ml-100k"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: {name: x, folder: y}\n"
+                   "stages:\n  - {name: popular, config: configs/ml100k/popular.yaml}\n")
+    with pytest.raises(SystemExit):
+        pipeline(["--config", str(bad)])
+    assert "dataset has unknown key(s) ['folder']" in capsys.readouterr().err

@@ -12,7 +12,8 @@ from cli import Align3CLI
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = sorted([*ROOT.glob("configs/*/pipeline.yaml"),
-                    *ROOT.glob("configs/ablations/pipeline_*.yaml")])
+                    *ROOT.glob("configs/ablations/pipeline_*.yaml"),
+                    *ROOT.glob("configs/templates/pipeline_*.yaml")])
 SFT_ABLATIONS = sorted(p.name for p in ROOT.glob("configs/ablations/sft_*.yaml"))
 
 
@@ -24,6 +25,24 @@ def _config_files(path: Path) -> list[str]:
         files.append(stage["config"])
         files += [value for flag, value in zip(overrides, overrides[1:]) if flag == "--config"]
     return files
+
+
+def test_every_experiment_yaml_loads_with_existing_pipelines():
+    from cli import EXPERIMENT_KEYS, ROW_KEYS
+
+    paths = sorted(ROOT.glob("configs/experiments/*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
+        spec = yaml.safe_load(path.read_text())
+        assert set(spec) <= EXPERIMENT_KEYS, path.name
+        names = [r["name"] for r in spec["rows"]]
+        assert spec.get("reference", names[0]) in names, path.name
+        for row in spec["rows"]:
+            assert set(row) <= ROW_KEYS and (ROOT / row["pipeline"]).is_file(), (path, row)
+            for flags in (row.get("stage_flags") or {}).values():
+                for flag, value in zip(flags, flags[1:]):
+                    if flag == "--config":
+                        assert (ROOT / value).is_file(), (path.name, value)
 
 
 def test_every_pipeline_names_existing_configs():

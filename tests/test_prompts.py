@@ -160,3 +160,14 @@ def test_task_weights_set_examples_per_epoch(data, scid):
     assert ds.counts == {"item2index": NUM_ITEMS // 2, "index2user": 2 * NUM_USERS}
     with pytest.raises(ValueError, match="unknown SFT task"):
         SFTTrainDataset(p, split, {"nope": 1.0}, "sequence", 5, 20)
+
+
+def test_datasets_without_their_own_templates_get_the_domain_neutral_ones():
+    assert default_templates_path("ml-100k").name == "ml100k_prompts.yaml"
+    path = default_templates_path("Beauty")
+    assert path.name == "default_prompts.yaml"
+    text = path.read_text()
+    assert "movie" not in text.lower() and "Which item next?" in text
+    from lightning_modules.components.prompts import load_templates
+
+    load_templates(path)  # has every required key

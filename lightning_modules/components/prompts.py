@@ -49,11 +49,11 @@ Segments = list[tuple[str, bool]]
 
 
 def default_templates_path(dataset: str) -> Path:
-    """``configs/templates/<dataset>_prompts.yaml`` (``ml-100k`` -> ``ml100k``); ML-100K's file
-    is the fallback for datasets without their own."""
+    """``configs/templates/<dataset>_prompts.yaml`` (``ml-100k`` -> ``ml100k``); the
+    domain-neutral ``default_prompts.yaml`` for datasets without their own."""
     name = dataset.replace("-", "").replace("_", "").lower()
     path = _TEMPLATE_DIR / f"{name}_prompts.yaml"
-    return path if path.exists() else _TEMPLATE_DIR / "ml100k_prompts.yaml"
+    return path if path.exists() else _TEMPLATE_DIR / "default_prompts.yaml"
 
 
 def load_templates(path: str | Path) -> dict:
