@@ -34,7 +34,8 @@ class RecDataModule(L.LightningDataModule):
         data_dir: folder holding the dataset's files (not needed for ``ml-100k``).
         cache_dir: where downloads and parsed datasets are cached
             (default ``$ALIGN3GR_CACHE`` or ``~/.cache/align3gr``).
-        kcore: iterative k-core filtering (0 = off).
+        kcore: iterative k-core filtering (0 = off; null = the source's default: 5 for raw
+            Amazon reviews, as in the papers, 0 for every other source).
         max_history: most recent items a model sees (protocol default 20).
         max_users: keep only the first N users (small slices for tests and smoke runs).
         batch_size: training batch size. eval_batch_size: evaluation batch size.
@@ -44,7 +45,8 @@ class RecDataModule(L.LightningDataModule):
     """
 
     def __init__(self, dataset: str = "ml-100k", source: str = "auto",
-                 data_dir: str | None = None, cache_dir: str | None = None, kcore: int = 0,
+                 data_dir: str | None = None, cache_dir: str | None = None,
+                 kcore: int | None = None,
                  max_history: int = 20, max_users: int | None = None, batch_size: int = 256,
                  eval_batch_size: int = 256, num_workers: int = 0,
                  run_dir: str | None = None, seed: int = 42) -> None:
@@ -57,6 +59,8 @@ class RecDataModule(L.LightningDataModule):
             raise ValueError(f"data.max_users must be an integer >= 1 or null, got {max_users!r}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers!r}")
+        if kcore is not None and (not isinstance(kcore, int) or kcore < 0):
+            raise ValueError(f"data.kcore must be an integer >= 0 or null, got {kcore!r}")
         self.dataset_name = dataset
         self.source = source
         self.data_dir = data_dir

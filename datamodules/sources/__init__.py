@@ -5,6 +5,8 @@ Sources:
                      ``recbole==1.2.1`` wheel); see :mod:`datamodules.sources.movielens`.
     ``recbole``    — RecBole atomic files ``<name>.inter`` (+ ``.item``, ``.user``).
     ``lcrec_json`` — LC-Rec / LETTER JSON ``<name>.inter.json`` (+ ``.item.json``, ``.user.json``).
+    ``amazon``     — raw Amazon Reviews 2018 / 2023 files (reviews + ``meta_<name>``, plain or
+                     gzipped, streamed; 5-core by default); see :mod:`datamodules.sources.amazon`.
 
 Parsed datasets are cached under ``<cache_dir>/<dataset>/parsed-<key>.{npz,json}``, where the
 key hashes the parser version, the source files' contents and ``kcore``: changing a source file
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 # Bump when parsing changes what a source file turns into; old cache entries are then ignored.
 PARSER_VERSION = 1
 
-SOURCES = ("movielens", "recbole", "lcrec_json")
+SOURCES = ("movielens", "recbole", "lcrec_json", "amazon")
 _SOURCE_ALIASES = {"recbole_atomic": "recbole", "atomic": "recbole", "lcrec": "lcrec_json",
                    "letter": "lcrec_json", "json": "lcrec_json", "ml": "movielens"}
 BUILTIN_DATASETS = {"ml-100k": "movielens"}
@@ -103,7 +105,7 @@ def build_dataset(name: str, user_raw: Sequence[str], item_raw: Sequence[str], *
 
 
 def load_dataset(dataset: str, source: str = "auto", data_dir: str | None = None,
-                 cache_dir: str | None = None, kcore: int = 0) -> RecDataset:
+                 cache_dir: str | None = None, kcore: int | None = None) -> RecDataset:
     """Load ``dataset`` in the canonical form, parsing once and caching the result.
 
     Args:
@@ -113,7 +115,8 @@ def load_dataset(dataset: str, source: str = "auto", data_dir: str | None = None
             ``<dataset>.inter`` (RecBole atomic) in ``data_dir`` or ``data_dir/<dataset>/``.
         data_dir: folder holding the dataset's files (optional for ``ml-100k``).
         cache_dir: downloads and parsed datasets (default :func:`default_cache_dir`).
-        kcore: iterative k-core filter on users and items (0 = off).
+        kcore: iterative k-core filter on users and items (0 = off; ``None`` = the source's
+            default: 5 for raw Amazon reviews, as in the papers, 0 otherwise).
 
     Raises:
         DataError: missing or malformed files, checksum mismatch, nothing left after k-core.
@@ -121,7 +124,9 @@ def load_dataset(dataset: str, source: str = "auto", data_dir: str | None = None
     src = _resolve_source(dataset, source, data_dir)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     ds_cache = root / _safe_name(dataset)
-    kcore = int(kcore or 0)
+    if kcore is None:
+        kcore = 5 if src == "amazon" else 0
+    kcore = int(kcore)
 
     if src == "movielens":
         from datamodules.sources import movielens
@@ -135,6 +140,12 @@ def load_dataset(dataset: str, source: str = "auto", data_dir: str | None = None
 
         def parse() -> RecDataset:
             return recbole_atomic.parse(files, name=dataset)
+    elif src == "amazon":
+        from datamodules.sources import amazon
+        files = amazon.locate(dataset, data_dir)
+
+        def parse() -> RecDataset:
+            return amazon.parse(files, name=dataset)
     else:
         from datamodules.sources import lcrec_json
         files = lcrec_json.locate(dataset, data_dir)
@@ -169,7 +180,7 @@ def _resolve_source(dataset: str, source: str, data_dir: str | None) -> str:
     if data_dir is None:
         raise DataError(f"dataset {dataset!r} is not built in ({', '.join(BUILTIN_DATASETS)}); "
                         f"pass data_dir holding {dataset}.inter.json (LC-Rec JSON) or "
-                        f"{dataset}.inter (RecBole atomic)")
+                        f"{dataset}.inter (RecBole atomic) or Amazon reviews")
     searched = []
     for folder in candidate_dirs(dataset, data_dir):
         for suffix, src in ((".inter.json", "lcrec_json"), (".inter", "recbole")):
@@ -177,6 +188,14 @@ def _resolve_source(dataset: str, source: str, data_dir: str | None) -> str:
             searched.append(str(path))
             if path.is_file():
                 return src
+    from datamodules.sources.amazon import review_names
+
+    for folder in candidate_dirs(dataset, data_dir):
+        for name in review_names(dataset):
+            for path in (folder / name, folder / f"{name}.gz"):
+                searched.append(str(path))
+                if path.is_file():
+                    return "amazon"
     raise DataError(f"dataset {dataset!r}: no interaction file found; expected one of "
                     + ", ".join(searched))
 
