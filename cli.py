@@ -276,11 +276,37 @@ def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str
 def stage_fingerprint(name: str, config: str, run_dir: Path, extra: list[str],
                       upstream: dict[str, str]) -> dict:
     """``{"stage_fingerprint": hash, "upstream": {...}}`` of a stage: a hash of its resolved
-    config (seed included) and of the fingerprints of the stages before it in the run, so
-    that equal fingerprints mean equal inputs and equal computation."""
+    config (seed included) and of the digests (fingerprint + exported contents) of the
+    earlier stages it reads (``reads_stages`` of its classes; all earlier ones when they do
+    not say), so that equal fingerprints mean equal inputs and equal computation."""
     resolved = resolved_stage_config(name, config, run_dir, extra)
+    reads = _declared_reads(resolved)
+    if reads is not None:  # only what the stage reads (so unrelated stages never differ it)
+        upstream = {k: v for k, v in upstream.items() if k in reads}
     return {"stage_fingerprint": fingerprint(name, resolved, upstream),
             "upstream": dict(upstream)}
+
+
+def _declared_reads(resolved: dict) -> set[str] | None:
+    """The run-directory stages a stage's model and DataModule declare they read
+    (``reads_stages``), or ``None`` when either class does not say (then every earlier
+    stage counts)."""
+    import importlib
+
+    out: set[str] = set()
+    for key in ("model", "data"):
+        path = (resolved.get(key) or {}).get("class_path")
+        if not path:
+            return None
+        module, _, cls = path.rpartition(".")
+        try:
+            reads = getattr(getattr(importlib.import_module(module), cls), "reads_stages", None)
+        except (ImportError, AttributeError):
+            return None
+        if reads is None:
+            return None
+        out.update(reads)
+    return out
 
 
 RESUME_MARKER = ".resume.json"  # in a stage folder while the stage runs: what it computes

@@ -44,6 +44,10 @@ class RecDataModule(L.LightningDataModule):
         seed: seed for anything random in data preparation.
     """
 
+    # Stages of the run directory whose artifacts this DataModule reads (their fingerprints and
+    # exports are part of a stage's fingerprint; see cli.stage_fingerprint).
+    reads_stages: tuple[str, ...] = ()
+
     def __init__(self, dataset: str = "ml-100k", source: str = "auto",
                  data_dir: str | None = None, cache_dir: str | None = None,
                  kcore: int | None = None,

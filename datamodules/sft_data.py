@@ -259,6 +259,8 @@ class SFTDataModule(RecDataModule):
             cells, but batches of one kind of task trained worse (README "Speed").
     """
 
+    reads_stages = ("tokenizer",)  # the SCID map
+
     def __init__(self, *args, scid_dir: str | None = None, templates: str | None = None,
                  tasks: dict[str, float] | None = None, seqrec_mode: str = "sequence",
                  window_min_context: int = 5, inject_user: bool = True,

@@ -90,6 +90,8 @@ class TokenizerDataModule(RecDataModule):
             ``max_users``, ``run_dir``, ``cache_dir``, ``seed``, ...).
     """
 
+    reads_stages = ("sasrec",)  # the collaborative embeddings
+
     def __init__(self, features: Literal["both", "semantic", "collaborative"] = "both",
                  text_encoder: TextEncoder | None = None,
                  item_text_fields: list[str] | None = None,

@@ -80,6 +80,8 @@ class DualTokenizer(L.LightningModule):
             thread counts).
     """
 
+    reads_stages = ()  # (its DataModule reads the sasrec stage)
+
     stage_name = STAGE  # the run-directory folder the CLI and the pipeline use
     # A killed tokenizer stage starts over (it is the shortest stage): part of the quantizers'
     # training state (dead-code counters, the k-means initialisation) is not in a checkpoint.

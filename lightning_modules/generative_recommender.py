@@ -86,6 +86,8 @@ class GenerativeRecommender(L.LightningModule):
             ``seed_everything`` value, so that the seeds of an experiment vary it too).
     """
 
+    reads_stages = ("tokenizer",)  # the SCID map
+
     stage_name = STAGE  # the run-directory folder the CLI exports into
 
     def __init__(self, run_dir: str | None = None, backbone: BackboneConfig | None = None,

@@ -23,6 +23,8 @@ class MostPopular(L.LightningModule):
         run_dir: pipeline run directory (per-user ranks go to ``<run_dir>/popular``).
     """
 
+    reads_stages = ()
+
     stage_name = "popular"
 
     def __init__(self, ks: list[int] = [5, 10], exclude_history: bool = True,  # noqa: B006

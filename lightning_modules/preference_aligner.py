@@ -223,6 +223,8 @@ class PreferenceAligner(L.LightningModule):
         num_beams, ks, exclude_history: evaluation protocol (as in the SFT stage).
     """
 
+    reads_stages = ("sft",)  # the policy's HF folder
+
     stage_name = STAGE
 
     def __init__(self, run_dir: str | None = None, sft_dir: str | None = None,

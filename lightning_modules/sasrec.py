@@ -80,6 +80,8 @@ class SASRec(L.LightningModule):
         run_dir: pipeline run directory; embeddings are exported to ``<run_dir>/sasrec``.
     """
 
+    reads_stages = ()
+
     stage_name = "sasrec"
 
     def __init__(self, num_items: int = 0, max_history: int = 20, hidden_size: int = 64,

@@ -130,3 +130,16 @@ def test_the_dataset_block_configures_every_stage(tmp_path, capsys):
     with pytest.raises(SystemExit):
         pipeline(["--config", str(bad)])
     assert "dataset has unknown key(s) ['folder']" in capsys.readouterr().err
+
+
+def test_upstream_is_what_a_stage_reads(tmp_path):
+    from cli import stage_fingerprint
+
+    up = {"popular": "p1", "sasrec": "s1", "tokenizer": "t1", "sft": "f1"}
+    sasrec = stage_fingerprint("sasrec", "configs/ml100k/sasrec.yaml", tmp_path, [],
+                               {"popular": "p1"})
+    assert sasrec["upstream"] == {}  # a popular stage before it changes nothing
+    tok = stage_fingerprint("tokenizer", "configs/ml100k/tokenizer.yaml", tmp_path, [], up)
+    assert tok["upstream"] == {"sasrec": "s1"}
+    dpo = stage_fingerprint("dpo", "configs/ml100k/dpo.yaml", tmp_path, [], up)
+    assert dpo["upstream"] == {"tokenizer": "t1", "sft": "f1"}
