@@ -79,13 +79,15 @@ def test_pretrained_backbone_presets_turn_the_tiny_models_dropout_off(capsys, mo
 
 @pytest.mark.parametrize("stage", ["sasrec", "tokenizer", "sft", "dpo"])
 def test_beauty_stage_configs_compose_after_the_ml100k_ones(stage, capsys, monkeypatch):
-    """configs/beauty/<stage>.yaml holds only keys the stage accepts, and the pipeline's shared
-    overrides point every stage at the LETTER files."""
+    """configs/beauty/<stage>.yaml holds only keys the stage accepts, and the pipeline's
+    dataset block points every stage at the LETTER files."""
+    from cli import _dataset_flags
+
     monkeypatch.chdir(ROOT)
     spec = yaml.safe_load((ROOT / "configs/beauty/pipeline.yaml").read_text())
     entry = next(s for s in spec["stages"] if s["name"] == stage)
     with pytest.raises(SystemExit) as exit_info:
-        Align3CLI(args=["fit", "--config", entry["config"], *spec["overrides"],
+        Align3CLI(args=["fit", "--config", entry["config"], *_dataset_flags(spec["dataset"], {}),
                         *[str(a) for a in entry["overrides"]], "--print_config"])
     assert exit_info.value.code in (0, None)
     data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
