@@ -268,23 +268,35 @@ def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str
     paths inside ``run_dir`` made relative to it and the config-file list dropped: two stages
     with equal resolved configs run the same computation."""
     cli = stage_cli(stage_args(name, config, run_dir, extra), parse_only=True)
-    resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_check=True))
+    resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_check=True, skip_none=False))
     resolved.pop("config", None)
     return _relative_to_run(resolved, str(run_dir))
 
 
 def stage_fingerprint(name: str, config: str, run_dir: Path, extra: list[str],
                       upstream: dict[str, str]) -> dict:
-    """``{"stage_fingerprint": hash, "upstream": {...}}`` of a stage: a hash of its resolved
-    config (seed included) and of the digests (fingerprint + exported contents) of the
-    earlier stages it reads (``reads_stages`` of its classes; all earlier ones when they do
-    not say), so that equal fingerprints mean equal inputs and equal computation."""
+    """``{"stage_fingerprint": hash, "upstream": {...}, "data_digest": ...}`` of a stage: a
+    hash of its resolved config (seed included), of the contents of its dataset's source
+    files, and of the digests (fingerprint + exported contents) of the earlier stages it reads
+    (``reads_stages`` of its classes; all earlier ones when they do not say), so that equal
+    fingerprints mean equal inputs and equal computation."""
     resolved = resolved_stage_config(name, config, run_dir, extra)
     reads = _declared_reads(resolved)
     if reads is not None:  # only what the stage reads (so unrelated stages never differ it)
         upstream = {k: v for k, v in upstream.items() if k in reads}
-    return {"stage_fingerprint": fingerprint(name, resolved, upstream),
-            "upstream": dict(upstream)}
+    data = (resolved.get("data") or {}).get("init_args") or {}
+    digest = None
+    if data.get("dataset"):
+        from datamodules.sources import dataset_digest
+
+        def real(path):  # the resolved config writes paths inside the run as <run_dir>/...
+            return str(run_dir) + path[len("<run_dir>"):] if isinstance(path, str) and \
+                path.startswith("<run_dir>") else path
+
+        digest = dataset_digest(data["dataset"], data.get("source") or "auto",
+                                real(data.get("data_dir")), real(data.get("cache_dir")))
+    return {"stage_fingerprint": fingerprint(name, resolved, upstream, digest),
+            "upstream": dict(upstream), "data_digest": digest}
 
 
 def _declared_reads(resolved: dict) -> set[str] | None:

@@ -143,3 +143,18 @@ def test_upstream_is_what_a_stage_reads(tmp_path):
     assert tok["upstream"] == {"sasrec": "s1"}
     dpo = stage_fingerprint("dpo", "configs/ml100k/dpo.yaml", tmp_path, [], up)
     assert dpo["upstream"] == {"tokenizer": "t1", "sft": "f1"}
+
+
+def test_fingerprint_follows_the_data_files_contents(tmp_path):
+    from cli import stage_fingerprint
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "D.inter.json").write_text(json.dumps({"0": [0, 1, 2, 3], "1": [1, 2, 3]}))
+    flags = ["--data.init_args.dataset=D", "--data.init_args.source=lcrec_json",
+             f"--data.init_args.data_dir={folder}"]
+    first = stage_fingerprint("sasrec", "configs/ml100k/sasrec.yaml", tmp_path, flags, {})
+    (folder / "D.inter.json").write_text(json.dumps({"0": [0, 1, 2, 3], "1": [3, 2, 1]}))
+    edited = stage_fingerprint("sasrec", "configs/ml100k/sasrec.yaml", tmp_path, flags, {})
+    assert first["data_digest"] != edited["data_digest"]
+    assert first["stage_fingerprint"] != edited["stage_fingerprint"]

@@ -44,7 +44,8 @@ BUILTIN_DATASETS = {"ml-100k": "movielens"}
 
 _INT_RE = re.compile(r"^-?\d+$")
 
-__all__ = ["load_dataset", "build_dataset", "default_cache_dir", "sorted_raw_ids", "SOURCES"]
+__all__ = ["load_dataset", "dataset_digest", "build_dataset", "default_cache_dir",
+           "sorted_raw_ids", "SOURCES"]
 
 
 def default_cache_dir() -> Path:
@@ -121,13 +122,29 @@ def load_dataset(dataset: str, source: str = "auto", data_dir: str | None = None
     Raises:
         DataError: missing or malformed files, checksum mismatch, nothing left after k-core.
     """
-    src = _resolve_source(dataset, source, data_dir)
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    ds_cache = root / _safe_name(dataset)
+    src, files, parse, ds_cache = _source_files(dataset, source, data_dir, cache_dir)
     if kcore is None:
         kcore = 5 if src == "amazon" else 0
     kcore = int(kcore)
+    digests = _file_digests(files)
+    data = _cached(ds_cache, _cache_key(src, dataset, digests, 0), parse)
+    if kcore > 0:
+        from datamodules.filtering import kcore_filter
+        base = data
+        data = _cached(ds_cache, _cache_key(src, dataset, digests, kcore),
+                       lambda: kcore_filter(base, kcore))
+    log.info("%s [%s%s]: %d users, %d items, %d interactions%s%s", dataset, src,
+             f", {kcore}-core" if kcore else "", data.num_users, data.num_items,
+             data.num_interactions, ", timestamps" if data.timestamps is not None else "",
+             ", ratings" if data.ratings is not None else "")
+    return data
 
+
+def _source_files(dataset: str, source: str, data_dir: str | None, cache_dir: str | None):
+    """``(source, files, parse, cache folder)`` of a dataset (files found, not yet parsed)."""
+    src = _resolve_source(dataset, source, data_dir)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    ds_cache = root / _safe_name(dataset)
     if src == "movielens":
         from datamodules.sources import movielens
         origin, files = movielens.locate(ds_cache / "raw", data_dir)
@@ -152,19 +169,17 @@ def load_dataset(dataset: str, source: str = "auto", data_dir: str | None = None
 
         def parse() -> RecDataset:
             return lcrec_json.parse(files, name=dataset)
+    return src, files, parse, ds_cache
 
-    digests = _file_digests(files)
-    data = _cached(ds_cache, _cache_key(src, dataset, digests, 0), parse)
-    if kcore > 0:
-        from datamodules.filtering import kcore_filter
-        base = data
-        data = _cached(ds_cache, _cache_key(src, dataset, digests, kcore),
-                       lambda: kcore_filter(base, kcore))
-    log.info("%s [%s%s]: %d users, %d items, %d interactions%s%s", dataset, src,
-             f", {kcore}-core" if kcore else "", data.num_users, data.num_items,
-             data.num_interactions, ", timestamps" if data.timestamps is not None else "",
-             ", ratings" if data.ratings is not None else "")
-    return data
+
+def dataset_digest(dataset: str, source: str = "auto", data_dir: str | None = None,
+                   cache_dir: str | None = None) -> str:
+    """A hash of the source files' contents (what a run's fingerprint records of its data:
+    an edited file gives another digest, whatever its path)."""
+    src, files, _, _ = _source_files(dataset, source, data_dir, cache_dir)
+    payload = json.dumps({"source": src, "parser": PARSER_VERSION,
+                          "files": _file_digests(files)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 # -- source resolution ------------------------------------------------------------------------
@@ -212,9 +227,23 @@ def _safe_name(dataset: str) -> str:
 
 
 # -- cache ------------------------------------------------------------------------------------
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> sha256, per process
+
+
 def _file_digests(files: Mapping[str, Path | None]) -> dict[str, str | None]:
     from datamodules.sources.download import file_digest
-    return {role: (file_digest(p) if p is not None else None) for role, p in sorted(files.items())}
+
+    out = {}
+    for role, path in sorted(files.items()):
+        if path is None:
+            out[role] = None
+            continue
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = file_digest(path)
+        out[role] = _DIGESTS[key]
+    return out
 
 
 def _cache_key(source: str, dataset: str, digests: Mapping[str, str | None], kcore: int) -> str:
