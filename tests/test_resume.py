@@ -1,5 +1,6 @@
 """Kills at five points of a slice pipeline, each followed by the same command: the run ends
-with the metrics and per-user ranks of an uninterrupted run, and no stale checkpoint."""
+with the metrics and per-user ranks of an uninterrupted run, and no stale checkpoint. The same
+slice run's sft and dpo models evaluate to the same metrics on 2 DDP processes as on one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SLICE = ["--data.init_args.max_users=40", "--trainer.max_epochs=2",
@@ -42,10 +44,15 @@ def results(run_dir: Path) -> dict:
     return out
 
 
-def test_killed_pipeline_resumes_to_the_uninterrupted_result(tmp_path):
-    reference = tmp_path / "reference"
-    proc = run(["cli.py", *pipeline_args(reference)])
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "reference"
+    proc = run(["cli.py", *pipeline_args(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_killed_pipeline_resumes_to_the_uninterrupted_result(reference, tmp_path):
     killed = tmp_path / "killed"
     points = [("last_ckpt", "sasrec"), ("stage_json", "tokenizer"), ("last_ckpt", "sft"),
               ("stage_json", "sft"), ("last_ckpt", "dpo")]
@@ -63,3 +70,19 @@ def test_killed_pipeline_resumes_to_the_uninterrupted_result(tmp_path):
         assert not (folder / ".resume.json").exists()
         names = {p.name for p in (folder / "checkpoints").glob("*")}
         assert "last.ckpt" not in names and not any("-v" in n for n in names), names
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_ddp_evaluation_of_the_llm_stages_matches_one_process(reference, stage, tmp_path):
+    ckpt = reference / stage / "checkpoints" / "best.ckpt"
+    out = tmp_path / "two.json"
+    proc = run(["tests/ddp_eval.py", str(out), "--config", f"configs/ml100k/{stage}.yaml",
+                "--ckpt_path", str(ckpt), f"--model.init_args.run_dir={reference}",
+                f"--data.init_args.run_dir={reference}", "--trainer.logger=false",
+                "--trainer.devices=2", "--trainer.strategy=ddp", *SLICE])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    one = json.loads((reference / stage / "stage.json").read_text())["test"]
+    assert two["world_size"] == 2
+    for key, value in one.items():
+        assert two["metrics"][f"test/{key}"] == pytest.approx(value, abs=1e-6), key
