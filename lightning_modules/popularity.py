@@ -11,10 +11,11 @@ import lightning as L
 import numpy as np
 import torch
 
+from lightning_modules.components.catalogue_eval import CatalogueScoringEval
 from lightning_modules.components.metrics import RankingEvaluator
 
 
-class MostPopular(L.LightningModule):
+class MostPopular(CatalogueScoringEval, L.LightningModule):
     """Ranks items by their number of training interactions; nothing to train.
 
     Args:
@@ -59,29 +60,8 @@ class MostPopular(L.LightningModule):
     def configure_optimizers(self):
         return None
 
-    def _eval_step(self, split: str, batch: dict) -> None:
-        scores = self.order_scores.unsqueeze(0).expand(len(batch["targets"]), -1)
-        self.evaluator.update_scores(split, scores, batch["targets"], batch["seen"],
-                                     rows=batch["rows"])
-
-    def _eval_end(self, split: str, prefix: str) -> None:
-        metrics = self.evaluator.compute(split)
-        self.last_ranks[split] = self.evaluator.per_user(split)
-        self.evaluator.reset(split)
-        for k, v in metrics.items():
-            self.log(f"{prefix}/{k}", v, sync_dist=False)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("valid", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("valid", "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test", "test")
+    def score_batch(self, batch: dict) -> torch.Tensor:
+        return self.order_scores.unsqueeze(0).expand(len(batch["targets"]), -1)
 
     def export_artifacts(self) -> dict:
         if self.counts is None:

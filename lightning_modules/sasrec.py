@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.components.artifacts import atomic_torch_save, atomic_write_json
+from lightning_modules.components.catalogue_eval import CatalogueScoringEval
 from lightning_modules.components.dropout import replace_dropout
 from lightning_modules.components.metrics import RankingEvaluator
 from lightning_modules.components.schedules import warmup_cosine
@@ -64,7 +65,7 @@ class SASRecEncoder(nn.Module):
         return self.item_embedding.weight[1:]
 
 
-class SASRec(L.LightningModule):
+class SASRec(CatalogueScoringEval, L.LightningModule):
     """SASRec trained with full-catalogue cross-entropy at every position.
 
     Args:
@@ -154,29 +155,8 @@ class SASRec(L.LightningModule):
         """``[B, num_items]`` scores of every catalogue item."""
         return self.encode_users(input_ids) @ self.encoder.item_weights().T
 
-    def _eval_step(self, split: str, batch: dict) -> None:
-        scores = self.score(batch["input_ids"])
-        self.evaluator.update_scores(split, scores, batch["targets"], batch["seen"],
-                                     rows=batch["rows"])
-
-    def _eval_end(self, split: str, prefix: str) -> None:
-        metrics = self.evaluator.compute(split)
-        self.last_ranks[split] = self.evaluator.per_user(split)  # per-user ranks for export
-        self.evaluator.reset(split)
-        for k, v in metrics.items():
-            self.log(f"{prefix}/{k}", v, prog_bar=k == "ndcg@10", sync_dist=False)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("valid", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("valid", "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test", "test")
+    def score_batch(self, batch: dict) -> torch.Tensor:
+        return self.score(batch["input_ids"])
 
     # -- artifacts --------------------------------------------------------------------------
     def export_artifacts(self) -> dict:
