@@ -62,6 +62,10 @@ def stage_curves(run_dir: Path, stage: str, out: Path) -> Path | None:
         return None
     data = scalars(version)
     present = [(tag, label) for tag, label in CURVES if tag in data and data[tag][0]]
+    if not any(tag.startswith("val/") for tag, _ in present):
+        # No ranking metrics (the tokenizer): its code utilization per level instead.
+        present += [(tag, tag[4:]) for tag in sorted(data)
+                    if tag.startswith("val/") and "utilization" in tag and data[tag][0]][:6]
     if not present:
         return None
     plt = _pyplot()
