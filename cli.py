@@ -673,6 +673,9 @@ def experiment(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, default=None,
                         help="number of seeds (default: the YAML's, else 3)")
     parser.add_argument("--rows", default=None, help="comma-separated subset of rows")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing: write results.json/.md/.png from the runs already "
+                             "in --out (unfinished ones are listed as incomplete)")
     parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
                         help="also reuse equal stages (same fingerprint) from runs under DIR, "
                              "e.g. another experiment (repeatable; this experiment's own runs "
@@ -712,7 +715,7 @@ def experiment(argv: list[str]) -> int:
     reference = spec.get("reference") or rows[0]["name"]
     out = Path(args.out)
     started = time.perf_counter()
-    for row in rows:
+    for row in [] if args.report_only else rows:
         if row.get("skip"):
             log.warning("experiment: row %s skipped: %s", row["name"], row["skip"])
             continue
@@ -742,7 +745,10 @@ def experiment(argv: list[str]) -> int:
     first = run_dir_of(out, ran[0], seeds[0]) / "metrics.json" if ran else None
     results["protocol"] = read_json(first).get("protocol") if first and first.exists() else None
     results["wall_seconds"] = round(time.perf_counter() - started, 1)  # this invocation
-    results["commit"] = git_commit()
+    # The commit the runs were made with; a report of earlier runs cannot know it.
+    results["commit"] = None if args.report_only else git_commit()
+    if args.report_only:
+        results["reported_with_commit"] = git_commit()
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", render_markdown(results))
     plot = plot_means(results, out / "results.png")

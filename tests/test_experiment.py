@@ -113,3 +113,10 @@ def test_experiment_reuses_stages_shared_by_rows(tmp_path):
     assert b["test"] == a["test"] and b["stage_fingerprint"] == a["stage_fingerprint"]
     res = json.loads((out / "results.json").read_text())
     assert res["paired_vs_reference"]["b"]["ndcg@10"]["mean_diff"] == 0.0
+    # --report_only runs nothing and reports what is there.
+    again = subprocess.run([sys.executable, "cli.py", "experiment", "--config", str(spec),
+                            "--out", str(out), "--report_only"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "stage sasrec" not in again.stderr
+    reported = json.loads((out / "results.json").read_text())
+    assert reported["rows"] == res["rows"] and reported["commit"] is None
