@@ -446,6 +446,11 @@ def load_spec(parser: argparse.ArgumentParser, path: Path, keys: frozenset, kind
     return spec
 
 
+PASSTHROUGH_HELP = (
+    "Any other flag goes to every stage's LightningCLI and must start with --trainer., "
+    "--model. or --data. (plus --seed_everything for pipeline), e.g. --trainer.max_epochs=1 "
+    "--data.init_args.max_users=100 --trainer.devices=2 --trainer.strategy=ddp; "
+    "`python cli.py fit --config configs/ml100k/<stage>.yaml --help` lists a stage's options.")
 PIPELINE_KEYS = frozenset({"dataset", "run_dir", "overrides", "stages"})
 DATASET_KEYS = {"name": "dataset", "source": "source", "data_dir": "data_dir",
                 "kcore": "kcore", "item_text_fields": "item_text_fields",
@@ -488,7 +493,8 @@ STAGE_KEYS = frozenset({"name", "config", "overrides"})
 def pipeline(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cli.py pipeline",
-        description="Run the stages of a pipeline YAML into one run directory.")
+        description="Run the stages of a pipeline YAML into one run directory.",
+        epilog=PASSTHROUGH_HELP)
     parser.add_argument("--config", required=True,
                         help="pipeline YAML (configs/<dataset>/pipeline.yaml)")
     parser.add_argument("--run_dir", default=None, help="run directory (default: from the YAML)")
@@ -665,7 +671,7 @@ def experiment(argv: list[str]) -> int:
     )
 
     parser = argparse.ArgumentParser(
-        prog="cli.py experiment",
+        prog="cli.py experiment", epilog=PASSTHROUGH_HELP,
         description="Run every row of an experiment YAML with several seeds; write "
                     "results.json, results.md and a plot. Killed runs resume.")
     parser.add_argument("--config", required=True, help="experiment YAML")
