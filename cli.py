@@ -324,10 +324,11 @@ def _declared_reads(resolved: dict) -> set[str] | None:
 RESUME_MARKER = ".resume.json"  # in a stage folder while the stage runs: what it computes
 
 
-def _prepare_resume(folder: Path, fp: str | None, resumable: bool, rank0: bool) -> str | None:
-    """``last.ckpt`` to continue from when an interrupted run of the same stage (same
-    fingerprint) left one; otherwise ``None``, after clearing the stage's old checkpoints (no
-    stale ``best.ckpt`` survives a fresh start)."""
+def _prepare_resume(folder: Path, fp: str | None, resumable: bool,
+                    rank0: bool) -> tuple[str, int] | None:
+    """``(last.ckpt, its epoch)`` to continue from when an interrupted run of the same stage
+    (same fingerprint) left one; otherwise ``None``, after clearing the stage's old
+    checkpoints (no stale ``best.ckpt`` survives a fresh start)."""
     import json
     import shutil
 
@@ -342,10 +343,10 @@ def _prepare_resume(folder: Path, fp: str | None, resumable: bool, rank0: bool) 
             same = False
         if same:
             try:
-                torch.load(last, map_location="cpu", weights_only=False)
+                epoch = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"])
                 log.warning("stage %s: resuming the interrupted run from %s (epoch %s)",
-                            folder.name, last, _checkpoint_epoch(str(last)))
-                return str(last)
+                            folder.name, last, epoch)
+                return str(last), epoch
             except Exception as err:  # noqa: BLE001 - a torn write; start over
                 log.warning("stage %s: %s is unreadable (%s); the stage starts over",
                             folder.name, last, err)
@@ -357,15 +358,6 @@ def _prepare_resume(folder: Path, fp: str | None, resumable: bool, rank0: bool) 
 
         atomic_write_json(marker, {"stage_fingerprint": fp})
     return None
-
-
-def _checkpoint_epoch(path: str) -> int | None:
-    import torch
-
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
@@ -387,7 +379,8 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
         trainer.callbacks.extend([RNGState(), last_checkpoint(folder / "checkpoints")])
     resume = _prepare_resume(folder, fp, resumable, trainer.is_global_zero)
     if resume:
-        provenance = {**provenance, "resumed_from": _checkpoint_epoch(resume)}
+        resume, epoch = resume
+        provenance = {**provenance, "resumed_from": epoch}
     start = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=resume)
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
