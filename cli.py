@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -56,9 +57,12 @@ class ConfigError(ValueError):
 class Align3CLI(LightningCLI):
     """LightningCLI in subclass mode for model and data; exports stage artifacts after fit."""
 
-    def __init__(self, *args, parse_only: bool = False, **kwargs) -> None:
+    def __init__(self, *args, parse_only: bool = False, in_pipeline: bool = False,
+                 **kwargs) -> None:
         # parse_only: resolve the config (``self.config``) without building trainer/model/data.
+        # in_pipeline: a stage of ``pipeline``/``experiment``, whose flags go to every stage.
         self._parse_only = parse_only
+        self._in_pipeline = in_pipeline
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -117,6 +121,20 @@ class Align3CLI(LightningCLI):
         parser.add_argument("--output", type=str | None, default=None,
                             help="predict: the JSONL file to write (default: beside the "
                                  "checkpoint, else <run_dir>/sft/predictions.jsonl)")
+        parser.add_argument("--patience", type=int | None, default=None,
+                            help="early stopping: stop after this many validations without a "
+                                 "better value of the metric the stage's ModelCheckpoint "
+                                 "monitors (replaces the config's EarlyStopping; 0 turns early "
+                                 "stopping off). Validation frequency is "
+                                 "--trainer.check_val_every_n_epoch")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        sub = self.config.get("subcommand")
+        patience = (self.config[sub] if sub else self.config).get("patience")
+        if patience is not None:
+            set_patience(trainer, patience, strict=not self._in_pipeline)
+        return trainer
 
     def _output(self) -> str | None:
         sub = self.config.get("subcommand") if self.config is not None else None
@@ -150,6 +168,32 @@ class Align3CLI(LightningCLI):
         export_stage(self.trainer, self.model, seconds=None)
 
 
+def set_patience(trainer: L.Trainer, patience: int, strict: bool = True) -> None:
+    """Early stopping with ``patience`` on the metric of the trainer's monitoring
+    ModelCheckpoint, in place of any EarlyStopping the config lists (``0``: none).
+
+    A stage without a monitored metric (the tokenizer keeps its newest weights) is an error
+    when ``strict``; otherwise (a flag the pipeline gives every stage) it is left as it is."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    if patience < 0:
+        raise ConfigError(f"--patience must be >= 0, got {patience}")
+    monitored = [cb for cb in trainer.checkpoint_callbacks if cb.monitor]
+    if not monitored:
+        if strict:
+            raise ConfigError("--patience: this stage's ModelCheckpoint monitors no metric, "
+                              "so there is nothing to stop early on")
+        log.info("--patience %d: no monitored metric in this stage; it trains its schedule",
+                 patience)
+        return
+    ckpt = monitored[0]
+    kept = [cb for cb in trainer.callbacks if not isinstance(cb, EarlyStopping)]
+    if patience > 0:
+        stop = EarlyStopping(monitor=ckpt.monitor, mode=ckpt.mode, patience=patience)
+        kept.insert(kept.index(ckpt), stop)  # before the checkpoints, as Lightning orders them
+    trainer.callbacks = kept
+
+
 def _stage_name(model: L.LightningModule) -> str:
     return getattr(model, "stage_name", type(model).__name__.lower())
 
@@ -177,6 +221,8 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
         users = data.split.users
         record["ranks"] = write_ranks(run_dir, _stage_name(model), model.last_ranks,
                                       [ids[int(u)] for u in users])
+        record["evaluated_users"] = evaluated_users(model.last_ranks, len(users),
+                                                    data.dataset.meta.get("max_users"))
     if timer is not None:
         extra = {"export": time.perf_counter() - start}
         selfplay = [cb for cb in trainer.callbacks if isinstance(cb, SelfPlayCallback)]
@@ -203,6 +249,20 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
     mark_stage_complete(run_dir, _stage_name(model), record)
     (folder / RESUME_MARKER).unlink(missing_ok=True)
     return record
+
+
+def evaluated_users(last_ranks: dict, of: int, sliced: int | None = None) -> dict:
+    """How many users each reported split covers: ``{"valid": n, "test": n, "of": U}`` (the
+    split's users), with ``"partial": true`` when a split covers fewer (``limit_val_batches``,
+    ``limit_test_batches``) or the data are a slice (``data.max_users``, kept as ``"slice"``)."""
+    out: dict = {split: int(len(last_ranks[split][0])) for split in ("valid", "test")
+                 if last_ranks.get(split) is not None}
+    out["of"] = int(of)
+    if sliced is not None:
+        out["slice"] = int(sliced)
+    out["partial"] = sliced is not None or any(
+        out[s] < of for s in ("valid", "test") if s in out)
+    return out
 
 
 def _protocol(trainer: L.Trainer, model: L.LightningModule) -> dict:
@@ -246,10 +306,17 @@ def stage_cli(args: list[str], **kwargs) -> Align3CLI:
     """An :class:`Align3CLI` built from ``args`` alone (the command line of ``pipeline`` or
     ``experiment`` is not LightningCLI's, so it is hidden from it)."""
     argv, sys.argv = sys.argv, sys.argv[:1]
+    # Resolving a config (fingerprints) seeds nothing that is used: no "Seed set to" for it.
+    quiet = _DropMessages("Seed set to") if kwargs.get("parse_only") else None
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    if quiet:
+        seed_log.addFilter(quiet)
     try:
         return Align3CLI(args=args, run=False, **kwargs)
     finally:
         sys.argv = argv
+        if quiet:
+            seed_log.removeFilter(quiet)
 
 
 def _relative_to_run(value, run_dir: str):
@@ -268,8 +335,14 @@ def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str
     paths inside ``run_dir`` made relative to it and the config-file list dropped: two stages
     with equal resolved configs run the same computation."""
     cli = stage_cli(stage_args(name, config, run_dir, extra), parse_only=True)
-    resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_check=True, skip_none=False))
+    try:  # jsonargparse >= 4.49 names the options so; older versions know the first names
+        dumped = cli.parser.dump(cli.config, skip_validation=True, skip_unset=False)
+    except TypeError:
+        dumped = cli.parser.dump(cli.config, skip_check=True, skip_none=False)
+    resolved = yaml.safe_load(dumped)
     resolved.pop("config", None)
+    if resolved.get("patience") is None:  # unset: the config's callbacks stand (and
+        resolved.pop("patience", None)    # fingerprints stay those of earlier versions)
     return _relative_to_run(resolved, str(run_dir))
 
 
@@ -344,7 +417,7 @@ def _prepare_resume(folder: Path, fp: str | None, resumable: bool,
         if same:
             try:
                 epoch = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"])
-                log.warning("stage %s: resuming the interrupted run from %s (epoch %s)",
+                log.info("stage %s: resuming the interrupted run from %s (epoch %s)",
                             folder.name, last, epoch)
                 return str(last), epoch
             except Exception as err:  # noqa: BLE001 - a torn write; start over
@@ -363,7 +436,7 @@ def _prepare_resume(folder: Path, fp: str | None, resumable: bool,
 def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
               provenance: dict | None = None) -> dict | None:
     """Fit, validate and test one stage with its best checkpoint; export its artifacts."""
-    cli = stage_cli(stage_args(name, config, run_dir, extra))
+    cli = stage_cli(stage_args(name, config, run_dir, extra), in_pipeline=True)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     timer = StageTimer()
     trainer.callbacks.append(timer)
@@ -416,13 +489,13 @@ def check_stage_flags(parser: argparse.ArgumentParser, passthrough: list[str], c
                       allow_seed: bool) -> None:
     """Every pass-through ``--`` flag must be a stage flag (``--trainer.``, ``--model.``,
     ``--data.``, and ``--seed_everything`` where ``allow_seed``); otherwise a parser error."""
-    prefixes = ("--trainer.", "--model.", "--data.") + (("--seed_everything",) if allow_seed
-                                                        else ())
+    prefixes = ("--trainer.", "--model.", "--data.", "--patience") + (
+        ("--seed_everything",) if allow_seed else ())
     bad = [a for a in passthrough
            if a.startswith("--") and not a.split("=")[0].startswith(prefixes)]
     if bad:
         parser.error(f"unknown {command} arguments {bad}; stage flags must start with "
-                     "--trainer., --model. or --data.")
+                     "--trainer., --model. or --data. (or be --patience)")
 
 
 def load_spec(parser: argparse.ArgumentParser, path: Path, keys: frozenset, kind: str) -> dict:
@@ -441,7 +514,8 @@ def load_spec(parser: argparse.ArgumentParser, path: Path, keys: frozenset, kind
 
 PASSTHROUGH_HELP = (
     "Any other flag goes to every stage's LightningCLI and must start with --trainer., "
-    "--model. or --data. (plus --seed_everything for pipeline), e.g. --trainer.max_epochs=1 "
+    "--model. or --data. or be --patience (plus --seed_everything for pipeline), e.g. "
+    "--trainer.max_epochs=1 --patience=3 --trainer.check_val_every_n_epoch=1 "
     "--data.init_args.max_users=100 --trainer.devices=2 --trainer.strategy=ddp; "
     "`python cli.py fit --config configs/ml100k/<stage>.yaml --help` lists a stage's options.")
 PIPELINE_KEYS = frozenset({"dataset", "run_dir", "overrides", "stages"})
@@ -549,7 +623,7 @@ def pipeline(argv: list[str]) -> int:
         if marker.exists() and not args.force:
             why = _why_not_complete(marker, fp)
             if why is None:
-                log.warning("stage %s: complete in %s, skipped", name, stage_dir(run_dir, name))
+                log.info("stage %s: complete in %s, skipped", name, stage_dir(run_dir, name))
                 upstream[name] = upstream_digest(read_json(marker))
                 continue
             log.warning("stage %s: complete in %s, but %s; re-running", name,
@@ -561,13 +635,13 @@ def pipeline(argv: list[str]) -> int:
         if source is not None:
             if rank0:
                 copy_stage(source, stage_dir(run_dir, name))
-                log.warning("stage %s: same config, seed and upstream as %s; copied, not "
+                log.info("stage %s: same config, seed and upstream as %s; copied, not "
                             "recomputed", name, source)
                 write_reports(run_dir, label, names)
             upstream[name] = upstream_digest(read_json(stage_dir(source.parent, name)
                                                        / "stage.json"))
             continue
-        log.warning("stage %s: running %s", name, config)
+        log.info("stage %s: running %s", name, config)
         record = run_stage(name, config, run_dir, extra, provenance)
         if record is not None:  # rank 0; the other ranks only help compute the stage
             upstream[name] = upstream_digest(read_json(marker))
@@ -716,7 +790,7 @@ def experiment(argv: list[str]) -> int:
     started = time.perf_counter()
     for row in [] if args.report_only else rows:
         if row.get("skip"):
-            log.warning("experiment: row %s skipped: %s", row["name"], row["skip"])
+            log.info("experiment: row %s skipped: %s", row["name"], row["skip"])
             continue
         config = row["pipeline"]
         if row.get("stage_flags"):
@@ -731,7 +805,7 @@ def experiment(argv: list[str]) -> int:
                               + yaml.safe_dump(pipe, sort_keys=False))
         for seed in seeds:
             run = run_dir_of(out, row["name"], seed)
-            log.warning("experiment: row %s, seed %d -> %s", row["name"], seed, run)
+            log.info("experiment: row %s, seed %d -> %s", row["name"], seed, run)
             pipeline(["--config", config, "--run_dir", str(run),
                       "--stages", ",".join(row["stages"]), f"--seed_everything={seed}",
                       "--reuse", str(out / "runs"),
@@ -756,6 +830,15 @@ def experiment(argv: list[str]) -> int:
     return 0
 
 
+class _LevelFormatter(logging.Formatter):
+    """``align3gr: message`` for information, ``WARNING align3gr: message`` above it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"{record.levelname} " if record.levelno >= logging.WARNING else ""
+        return f"{prefix}{record.name}: {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
 class _DropMessages(logging.Filter):
     def __init__(self, *needles: str) -> None:
         super().__init__()
@@ -767,9 +850,13 @@ class _DropMessages(logging.Filter):
 
 
 def quiet_third_party_logs() -> None:
-    """Drop the noise of normal runs: faiss's CPU-feature probing at import and Lightning's
-    advertisement for its cloud logger."""
+    """Drop the noise of normal runs: faiss's CPU-feature probing at import, the TensorBoard
+    reader's file-watcher lines (the plots read the logs), a deprecation inside Lightning and
+    Lightning's advertisement for its cloud logger."""
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its reader, for the plots
+    # Lightning's own use of a torch API that torch has since deprecated (not ours to fix).
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropMessages("litlogger", "LitLogger"))
 
@@ -780,7 +867,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LevelFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     quiet_third_party_logs()
     import torch
 

@@ -54,4 +54,4 @@ class PlainProgress(Callback):
         parts.append(f"{self._rows / seconds:,.1f} rows/s")
         if self._tokens:
             parts.append(f"{self._tokens / seconds:,.0f} tokens/s")
-        log.warning(", ".join(parts))
+        log.info(", ".join(parts))

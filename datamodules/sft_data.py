@@ -86,8 +86,9 @@ class SFTTrainDataset(Dataset):
                 raise ValueError(f"unknown SFT task {task!r}; known: {TASKS}")
             if weight <= 0:
                 continue
-            if not prompts.has_task(task):
-                log.warning("task %s skipped: the data lack what it needs", task)
+            missing = prompts.missing_for(task)
+            if missing is not None:
+                log.warning("task %s skipped: it needs %s", task, missing)
                 continue
             pool = natural[task]
             n = int(round(weight * len(pool)))

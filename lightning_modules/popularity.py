@@ -7,6 +7,8 @@ and the user's own history is excluded like for every other model (the protocol)
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import numpy as np
 import torch
@@ -58,6 +60,8 @@ class MostPopular(CatalogueScoringEval, L.LightningModule):
         return None
 
     def configure_optimizers(self):
+        # Nothing to optimise; Lightning's warning about it is expected here, not a problem.
+        warnings.filterwarnings("ignore", message=r".*configure_optimizers. returned .None.")
         return None
 
     def score_batch(self, batch: dict) -> torch.Tensor:

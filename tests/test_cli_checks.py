@@ -158,3 +158,45 @@ def test_fingerprint_follows_the_data_files_contents(tmp_path):
     edited = stage_fingerprint("sasrec", "configs/ml100k/sasrec.yaml", tmp_path, flags, {})
     assert first["data_digest"] != edited["data_digest"]
     assert first["stage_fingerprint"] != edited["stage_fingerprint"]
+
+
+def test_patience_is_a_plain_option_that_replaces_the_configs_early_stopping(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from cli import ConfigError, stage_cli
+
+    base = ["--config", "configs/ml100k/sasrec.yaml", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false"]
+
+    def stops(cli):
+        return [cb for cb in cli.trainer.callbacks if isinstance(cb, EarlyStopping)]
+
+    assert [s.patience for s in stops(stage_cli(base))] == [10]  # the config's callback
+    cli = stage_cli(base + ["--patience=3"])
+    (stop,) = stops(cli)
+    assert (stop.patience, stop.monitor, stop.mode) == (3, "val/ndcg@10", "max")
+    kinds = [type(cb) for cb in cli.trainer.callbacks]
+    assert kinds.index(EarlyStopping) < kinds.index(ModelCheckpoint)
+    assert stops(stage_cli(base + ["--patience=0"])) == []
+    tokenizer = ["--config", "configs/ml100k/tokenizer.yaml", "--trainer.logger=false",
+                 f"--trainer.default_root_dir={tmp_path}", "--patience=3"]
+    with pytest.raises(ConfigError, match="monitors no metric"):
+        stage_cli(tokenizer)
+    assert stops(stage_cli(tokenizer, in_pipeline=True)) == []  # a pipeline-wide flag
+
+
+def test_partial_splits_are_marked():
+    import torch
+
+    from cli import evaluated_users
+    from lightning_modules.components.report import split_label
+
+    ranks = {"valid": (torch.arange(300), torch.zeros(300)),
+             "test": (torch.arange(943), torch.zeros(943))}
+    users = evaluated_users(ranks, 943)
+    assert users == {"valid": 300, "test": 943, "of": 943, "partial": True}
+    assert split_label("valid", users) == "valid (300 of 943 users)"
+    assert split_label("test", users) == "test"
+    full = evaluated_users({"test": (torch.arange(943), torch.zeros(943))}, 943)
+    assert not full["partial"] and split_label("test", full) == "test"
+    assert split_label("test", None) == "test"  # older stage.json without the record

@@ -81,7 +81,8 @@ def test_slice_experiment_two_rows_two_seeds(tmp_path):
     assert comp["ndcg@10"]["users"] == 2 * 60 and comp["seeds"] == [0, 1]
     means = [res["rows"][r]["test"]["ndcg@10"]["mean"] for r in ("sasrec_32", "sasrec_64")]
     assert comp["ndcg@10"]["mean_diff"] == pytest.approx(means[0] - means[1], abs=1e-6)
-    assert "| sasrec_32 |" in (out / "results.md").read_text()
+    assert "| sasrec_32 | sasrec (slice: first 60 users) |" in (out / "results.md").read_text()
+    assert res["rows"]["sasrec_32"]["evaluated_users"]["slice"] == 60
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The seeds differ: the two seeds' runs are not copies of each other.
     a, b = (np.load(out / "runs" / "sasrec_64" / f"seed{s}" / "sasrec" / "ranks_test.npy")

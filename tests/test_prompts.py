@@ -84,6 +84,24 @@ def test_user_scid_injection_on_and_off(data, scid):
     items_only = SCIDMap(scid.item_codes, scid.item_codebook_sizes)
     p = builder(data, items_only, inject_user=True)
     assert "<u_" not in p.seqrec_prompt(3, [1, 2]) and not p.has_task("user2index")
+    assert "user SCIDs" in p.missing_for("index2user")
+    assert p.missing_for("seqrec") is None and p.missing_for("item2index") is None
+
+
+def test_skipped_task_names_what_is_missing(data, scid, caplog):
+    split = leave_one_out(data)
+    items_only = SCIDMap(scid.item_codes, scid.item_codebook_sizes)
+    with caplog.at_level("WARNING", logger="datamodules.sft_data"):
+        ds = SFTTrainDataset(builder(data, items_only), split,
+                             {"seqrec": 1.0, "user2index": 1.0}, "sequence", 5, 20)
+    assert "user2index" not in ds.counts
+    assert "task user2index skipped: it needs user SCIDs" in caplog.text
+    saved = data.item_features
+    try:
+        data.item_features = None
+        assert "item text" in builder(data, scid).missing_for("item2index")
+    finally:
+        data.item_features = saved
 
 
 def test_every_task_masks_the_prompt(data, scid, tokenizer):

@@ -40,8 +40,11 @@ def test_pipeline_writes_metrics_report_logs_and_embeddings(pipeline_run):
         assert 0.0 <= sas[split]["ndcg@10"] <= sas[split]["recall@10"] <= 1.0
         assert sas[split]["recall@5"] <= sas[split]["recall@10"]
     assert sas["seconds"] > 0
+    # A slice is marked as such in metrics.json and in the report.
+    assert sas["evaluated_users"] == {"valid": 120, "test": 120, "of": 120, "slice": 120,
+                                      "partial": True}
     report = (pipeline_run / "report.md").read_text()
-    assert "| sasrec | test |" in report
+    assert "| sasrec | test (slice: first 120 users) |" in report
     for plot in ("sasrec_curves.png", "test_metrics.png"):  # written and linked
         assert (pipeline_run / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(plots/{plot})" in report

@@ -133,11 +133,16 @@ def load_dataset(dataset: str, source: str = "auto", data_dir: str | None = None
         base = data
         data = _cached(ds_cache, _cache_key(src, dataset, digests, kcore),
                        lambda: kcore_filter(base, kcore))
-    log.info("%s [%s%s]: %d users, %d items, %d interactions%s%s", dataset, src,
-             f", {kcore}-core" if kcore else "", data.num_users, data.num_items,
-             data.num_interactions, ", timestamps" if data.timestamps is not None else "",
-             ", ratings" if data.ratings is not None else "")
+    summary = (dataset, src, f", {kcore}-core" if kcore else "", data.num_users, data.num_items,
+               data.num_interactions, ", timestamps" if data.timestamps is not None else "",
+               ", ratings" if data.ratings is not None else "")
+    if summary not in _LOGGED:  # once per process, not at every setup of every stage
+        _LOGGED.add(summary)
+        log.info("%s [%s%s]: %d users, %d items, %d interactions%s%s", *summary)
     return data
+
+
+_LOGGED: set[tuple] = set()
 
 
 def _source_files(dataset: str, source: str, data_dir: str | None, cache_dir: str | None):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_modules.components.artifacts import read_json, stage_complete, stage_dir
+from lightning_modules.components.report import split_label
 from lightning_modules.components.statistics import (
     paired_bootstrap,
     per_user_metrics,
@@ -53,6 +54,10 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
         if not per_seed:
             continue
         entry = {"stage": stage, "seeds": sorted(per_seed)}
+        partial = [r["evaluated_users"] for r in per_seed.values()
+                   if (r.get("evaluated_users") or {}).get("partial")]
+        if partial:  # a slice or a limited evaluation: not comparable with full runs
+            entry["evaluated_users"] = partial[0]
         for split in SPLITS:
             metrics = sorted({m for r in per_seed.values() for m in (r.get(split) or {})})
             entry[split] = {m: t_interval([per_seed[s][split][m] for s in sorted(per_seed)
@@ -144,7 +149,9 @@ def render_markdown(results: dict) -> str:
         for name, entry in rows.items():
             cells = [_cell(entry[split][m]) if m in entry.get(split, {}) else "—"
                      for m in metrics]
-            lines.append(f"| {name} | {entry['stage']} | " + " | ".join(cells) + " |")
+            label = split_label(split, entry.get("evaluated_users"))
+            stage = entry["stage"] + label[len(split):]  # "sft (slice: first 100 users)"
+            lines.append(f"| {name} | {stage} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _diff_table(results["paired_vs_reference"], metrics,
                          f"test: difference against {results['reference']}")

@@ -156,11 +156,23 @@ class PromptBuilder:
 
     def has_task(self, task: str) -> bool:
         """Whether the data supports ``task`` (text tasks need text, user tasks user codes)."""
+        return self.missing_for(task) is None
+
+    def missing_for(self, task: str) -> str | None:
+        """What the data lack for ``task``, in words, or ``None`` when nothing is missing."""
+        name = self.dataset.name if self.dataset is not None else "the dataset"
         if task in ("user2index", "index2user"):
-            return self.scid_map.has_users and self.dataset.user_features is not None
+            lacking = []
+            if not self.scid_map.has_users:
+                lacking.append("user SCIDs (the tokenizer stage exported item codes only)")
+            if self.dataset is None or self.dataset.user_features is None:
+                lacking.append(f"user profiles ({name} has no user features)")
+            return " and ".join(lacking) or None
         if task in ("item2index", "index2item", "fusionseqrec"):
-            return self.dataset.item_features is not None
-        return task == "seqrec"
+            if self.dataset is None or self.dataset.item_features is None:
+                return f"item text ({name} has no item features such as a title)"
+            return None
+        return None if task == "seqrec" else f"a task named {task!r}"
 
     # -- seqrec -----------------------------------------------------------------------------
     def seqrec_prompt(self, user: int, history: Sequence[int], template: int | None = 0,

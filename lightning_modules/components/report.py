@@ -13,7 +13,7 @@ from lightning_modules.components.artifacts import (
 )
 from lightning_modules.components.plots import write_plots
 
-SCHEMA_KEYS = ("valid", "test", "seconds", "per_stage")
+SCHEMA_KEYS = ("valid", "test", "evaluated_users", "seconds", "per_stage")
 TOKENIZER_KEYS = ("items", "users", "seconds")  # its validation numbers stay in stage.json
 DEFAULT_PROTOCOL = {"split": "leave-one-out", "max_history": 20, "exclude_history": True,
                     "num_beams": 20, "ks": [5, 10]}
@@ -39,6 +39,19 @@ def _fmt_row(name: str, split: str, metrics: dict, keys: list[str]) -> str:
         f"{metrics[k]:.4f}" if k in metrics else "—" for k in keys) + " |"
 
 
+def split_label(split: str, users: dict | None) -> str:
+    """``valid``, or ``valid (300 of 943 users)`` / ``valid (slice: first 100 users)`` when
+    the split's numbers do not cover every user of the dataset."""
+    if not users or not users.get("partial"):
+        return split
+    parts = []
+    if split in users and users[split] < users["of"]:
+        parts.append(f"{users[split]} of {users['of']} users")
+    if "slice" in users:
+        parts.append(f"slice: first {users['slice']} users")
+    return f"{split} ({'; '.join(parts)})" if parts else split
+
+
 def render_report(metrics: dict, plots: list[str] | None = None) -> str:
     proto = metrics["protocol"]
     ks = proto.get("ks", [5, 10])
@@ -52,10 +65,16 @@ def render_report(metrics: dict, plots: list[str] | None = None) -> str:
              "| stage | split | " + " | ".join(keys) + " |",
              "|---|---|" + "---|" * len(keys)]
     stages = metrics["stages"]
+    partial = False
     for name, rec in stages.items():
         for split in ("valid", "test"):
             if rec.get(split):
-                lines.append(_fmt_row(name, split, rec[split], keys))
+                label = split_label(split, rec.get("evaluated_users"))
+                partial = partial or label != split
+                lines.append(_fmt_row(name, label, rec[split], keys))
+    if partial:
+        lines += ["", "Rows marked with a user count or a slice cover part of the users "
+                  "only: they do not compare with full rows."]
     tok = stages.get("tokenizer")
     if tok:
         lines += ["", "## Tokenizer", "", "| side | collision rate | utilization per level |",
