@@ -592,6 +592,9 @@ class PreferenceAligner(L.LightningModule):
             # The last validation inside a stage is the stage's result.
             self.per_stage.setdefault(stage.name, {})["valid"] = dict(metrics)
             self.per_stage[stage.name]["epoch"] = int(self.current_epoch)
+            got = self.last_ranks.get("valid")
+            if got is not None:  # fewer than all users with data.val_max_users
+                self.per_stage[stage.name]["valid_users"] = int(len(got[0]))
             self.log_dict({f"val/{stage.name}/{k}": v for k, v in metrics.items()})
 
     def on_test_epoch_end(self) -> None:
@@ -618,6 +621,8 @@ class PreferenceAligner(L.LightningModule):
                 "stage": asdict(stage), "valid": rec.get("valid", {}),
                 "valid_epoch": rec.get("epoch"), "train": rec.get("train", {})})
             per_stage[stage.name] = {"valid": rec.get("valid", {})}
+            if "valid_users" in rec:
+                per_stage[stage.name]["valid_users"] = rec["valid_users"]
             if len(rec.get("empty_epochs", [])) >= stage.epochs:
                 per_stage[stage.name]["skipped"] = (
                     f"no pairs: no prompt had a {stage.negatives!r} negative in any of its "

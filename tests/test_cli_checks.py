@@ -200,3 +200,17 @@ def test_partial_splits_are_marked():
     full = evaluated_users({"test": (torch.arange(943), torch.zeros(943))}, 943)
     assert not full["partial"] and split_label("test", full) == "test"
     assert split_label("test", None) == "test"  # older stage.json without the record
+
+
+def test_report_marks_preference_stages_validated_on_a_sample():
+    from lightning_modules.components.report import DEFAULT_PROTOCOL, render_report
+
+    valid = {"recall@5": 0.1, "recall@10": 0.2, "ndcg@5": 0.05, "ndcg@10": 0.1}
+    dpo = {"valid": valid, "test": valid,
+           "evaluated_users": {"valid": 943, "test": 943, "of": 943, "partial": False},
+           "per_stage": {"sp_easy": {"valid": valid, "valid_users": 300},
+                         "sp_hard": {"valid": valid, "valid_users": 943}}}
+    text = render_report({"dataset": "x", "protocol": dict(DEFAULT_PROTOCOL),
+                          "stages": {"dpo": dpo}})
+    assert "| sp_easy (300 of 943 users) |" in text and "| sp_hard |" in text
+    assert "| dpo | test |" in text  # full rows stay unmarked

@@ -88,8 +88,11 @@ def render_report(metrics: dict, plots: list[str] | None = None) -> str:
         lines += ["", "## Preference stages (validation after each)", "",
                   "| preference stage | " + " | ".join(keys) + " |",
                   "|---|" + "---|" * len(keys)]
+        of = (dpo.get("evaluated_users") or {}).get("of")
         for name, rec in dpo["per_stage"].items():
             valid = rec.get("valid", {})
+            if of and rec.get("valid_users", of) < of:  # validation on a sample during fit
+                name = f"{name} ({rec['valid_users']} of {of} users)"
             lines.append(f"| {name} | " + " | ".join(
                 f"{valid[k]:.4f}" if k in valid else "—" for k in keys) + " |")
     lines += ["", "## Wall time", "", "| stage | seconds |", "|---|---|"]
