@@ -244,6 +244,7 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
         record["seconds"] = round(seconds, 2)
     if provenance:
         record.update(provenance)
+    record.setdefault("commit", _commit_once())  # the code that made it (not in the fingerprint)
     folder = stage_dir(run_dir, _stage_name(model))
     (folder / "checkpoints" / "last.ckpt").unlink(missing_ok=True)  # resume state, done with
     mark_stage_complete(run_dir, _stage_name(model), record)
@@ -707,6 +708,30 @@ EXPERIMENT_KEYS = frozenset({"name", "seeds", "reference", "rows", "resamples", 
 ROW_KEYS = frozenset({"name", "pipeline", "stages", "compare", "flags", "stage_flags", "skip"})
 
 
+_COMMIT: list = []
+
+
+def _commit_once() -> str | None:
+    """:func:`git_commit` (short, dirty marked) of this process, asked once."""
+    if not _COMMIT:
+        _COMMIT.append(git_commit(short=True, mark_dirty=True))
+    return _COMMIT[0]
+
+
+def _add_invocation(out: Path, seconds: float, report_only: bool) -> float:
+    """Append this invocation to ``<out>/invocations.json`` (a killed experiment resumes in
+    several) and return the wall seconds of all of them that ran stages."""
+    from lightning_modules.components.artifacts import atomic_write_json
+
+    path = out / "invocations.json"
+    done = read_json(path) if path.exists() else []
+    if not report_only:
+        done.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "seconds": round(seconds, 1), "commit": _commit_once()})
+        atomic_write_json(path, done)
+    return round(sum(float(i["seconds"]) for i in done), 1)
+
+
 def git_commit(short: bool = False, mark_dirty: bool = False) -> str | None:
     """The checkout's commit (``short``: abbreviated; ``mark_dirty``: ``+dirty`` when tracked
     files differ from it), or ``None`` outside a git checkout."""
@@ -817,7 +842,8 @@ def experiment(argv: list[str]) -> int:
     ran = [r["name"] for r in rows if not r.get("skip")]
     first = run_dir_of(out, ran[0], seeds[0]) / "metrics.json" if ran else None
     results["protocol"] = read_json(first).get("protocol") if first and first.exists() else None
-    results["wall_seconds"] = round(time.perf_counter() - started, 1)  # this invocation
+    results["wall_seconds"] = _add_invocation(out, time.perf_counter() - started,
+                                              args.report_only)
     # The commit the runs were made with; a report of earlier runs cannot know it.
     results["commit"] = None if args.report_only else git_commit()
     if args.report_only:

@@ -91,7 +91,15 @@ def test_slice_experiment_two_rows_two_seeds(tmp_path):
     # Resume: a second call recomputes nothing (every stage is complete) and gives the same.
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "skipped" in again.stderr
-    assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["rows"] == res["rows"]
+    # Wall time adds up over the invocations; each stage records the commit that made it.
+    calls = json.loads((out / "invocations.json").read_text())
+    assert len(calls) == 2 and res2["wall_seconds"] == pytest.approx(
+        sum(c["seconds"] for c in calls), abs=0.11)
+    commits = res2["rows"]["sasrec_64"]["commits"]
+    assert len(commits) == 1 and commits[0] != "None"
+    assert f"stages made with commit {commits[0]}" in (out / "results.md").read_text()
 
 
 def test_experiment_reuses_stages_shared_by_rows(tmp_path):
@@ -121,3 +129,4 @@ def test_experiment_reuses_stages_shared_by_rows(tmp_path):
     assert again.returncode == 0 and "stage sasrec" not in again.stderr
     reported = json.loads((out / "results.json").read_text())
     assert reported["rows"] == res["rows"] and reported["commit"] is None
+    assert reported["wall_seconds"] == res["wall_seconds"]  # a report adds no wall time

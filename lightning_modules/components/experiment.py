@@ -53,7 +53,8 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
                 rank_files[seed] = np.load(path)
         if not per_seed:
             continue
-        entry = {"stage": stage, "seeds": sorted(per_seed)}
+        entry = {"stage": stage, "seeds": sorted(per_seed),
+                 "commits": sorted({str(r.get("commit")) for r in per_seed.values()})}
         partial = [r["evaluated_users"] for r in per_seed.values()
                    if (r.get("evaluated_users") or {}).get("partial")]
         if partial:  # a slice or a limited evaluation: not comparable with full runs
@@ -138,11 +139,19 @@ def render_markdown(results: dict) -> str:
     rows = results["rows"]
     metrics = sorted({m for e in rows.values() for m in e.get("test", {})}, key=_metric_order)
     n = len(results["seeds"])
+    commits = sorted({c for e in rows.values() for c in e.get("commits", [])})
+    cost = [f"{results['compute_seconds']:,.0f} s of stage time (stages shared by rows "
+            "counted once)"] if results.get("compute_seconds") is not None else []
+    if results.get("wall_seconds") is not None:
+        cost.append(f"{results['wall_seconds']:,.0f} s of wall time")
     lines = [f"# {results['name'] or 'Experiment'}", "",
              f"Mean ± 95% half-width over seeds ({n} seed{'s' if n != 1 else ''}: "
              f"{', '.join(map(str, results['seeds']))}). Δ = paired difference against "
              f"**{results['reference']}** over test users (seeds pooled, bootstrap 95% "
              "interval, p-value); **bold** where the interval excludes 0.", ""]
+    if cost or commits:
+        lines += ["; ".join(cost + ([f"stages made with commit{'s' if len(commits) > 1 else ''} "
+                                     + ", ".join(commits)] if commits else [])) + ".", ""]
     for split in SPLITS:
         lines += [f"## {split}", "", "| row | stage | " + " | ".join(metrics) + " |",
                   "|---|---|" + "---|" * len(metrics)]
