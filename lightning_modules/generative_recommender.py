@@ -16,6 +16,7 @@ attributes ``model``, ``tokenizer``, ``scid_map``, ``trie`` and ``prompts``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -444,14 +445,15 @@ class GenerativeRecommender(L.LightningModule):
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         is_peft = hasattr(self.model, "peft_config")
-        if is_peft and not self.backbone_cfg.name_or_path:
-            # A built base model exists nowhere else: save it next to the adapter.
-            base = self.model.get_base_model()
-            # Unwrapped weights of the frozen base (peft layers removed) for plain loading.
-            self._save_unwrapped_base(base, tmp / "base")
-            self.tokenizer.save_pretrained(tmp / "base")
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
+        with _no_hf_progress_bars():  # a bar per small file in the stage's log otherwise
+            if is_peft and not self.backbone_cfg.name_or_path:
+                # A built base model exists nowhere else: save it next to the adapter.
+                base = self.model.get_base_model()
+                # Unwrapped weights of the frozen base (peft layers removed) for plain loading.
+                self._save_unwrapped_base(base, tmp / "base")
+                self.tokenizer.save_pretrained(tmp / "base")
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
         self.scid_map.save(tmp)
         info = {
             "format": "align3gr-sft/1",
@@ -562,6 +564,20 @@ class GenerativeRecommender(L.LightningModule):
         ids = tokenizer.convert_tokens_to_ids(cls._scid_vocab(scid_map))
         module._install(tokenizer, scid_map, ids, model=model)
         return module
+
+
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    """transformers' progress bars off for the block (``save_pretrained`` shows one per save)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_generative_recommender(path: str | os.PathLike, **overrides) -> GenerativeRecommender:
