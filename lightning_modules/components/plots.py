@@ -128,9 +128,9 @@ def codebooks(stats: dict, out: Path) -> Path | None:
                                 "perplexity / codebook size")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(stats[sides[0]]["levels"]))],
                       [f"level {i}" for i in range(len(stats[sides[0]]["levels"]))])
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.25)  # headroom: the legend sits above bars that reach 1.0
         ax.set_title(f"tokenizer: {title}", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", ncol=len(sides))
     fig.tight_layout()
     path = _save(fig, out / "tokenizer_codebooks.png")
     plt.close(fig)
