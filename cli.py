@@ -883,6 +883,8 @@ def quiet_third_party_logs() -> None:
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its reader, for the plots
     # Lightning's own use of a torch API that torch has since deprecated (not ours to fix).
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Short epochs (the tokenizer's 25 steps, slices) log at their end anyway.
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropMessages("litlogger", "LitLogger"))
 
