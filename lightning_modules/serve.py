@@ -13,6 +13,7 @@ beam search per batch.
 # runtime to validate the request body against PredictRequest.
 import argparse
 import logging
+import signal
 
 import litserve as ls
 from fastapi import HTTPException
@@ -124,5 +125,12 @@ def serve(argv: list[str]) -> int:
                           workers_per_device=args.workers_per_device, timeout=60)
     print(f"serving {args.model} on http://{args.host}:{args.port}  (POST /predict, GET /health)",
           flush=True)
+    # SIGTERM (kill, systemd, a container stop) shuts down like Ctrl-C: LitServe then stops
+    # its inference and HTTP worker processes instead of leaving them running.
+    signal.signal(signal.SIGTERM, _interrupt)
     server.run(host=args.host, port=args.port, generate_client_file=False)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

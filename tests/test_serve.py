@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def server(tmp_path_factory):
                              str(port), "--max_batch_size", "8", "--batch_timeout", "0.05",
                              "--accelerator", "cpu", "--devices", "1"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -67,6 +68,23 @@ def server(tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+    # SIGTERM stops the whole server: no LitServe worker process is left behind.
+    left = _wait_group_gone(proc.pid, seconds=20)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the server's worker processes outlived its SIGTERM")
+
+
+def _wait_group_gone(pgid: int, seconds: float) -> bool:
+    """Whether processes of group ``pgid`` are still alive after ``seconds``."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.25)
+    return True
 
 
 def test_predict_equals_the_recommender(server):
