@@ -24,6 +24,7 @@ shards them for training.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 
@@ -45,7 +46,9 @@ def _distributed_map(trainer: L.Trainer | None, num_chunks: int, fn: Callable[[i
     world = trainer.world_size if trainer is not None else 1
     rank = trainer.global_rank if trainer is not None else 0
     mine = list(range(rank, num_chunks, world))
-    show = progress and rank == 0
+    # A bar only on a terminal: in a log file it is a line of carriage returns per epoch (the
+    # callback logs a summary line per generation either way).
+    show = progress and rank == 0 and sys.stderr.isatty()
     results = [(c, fn(c)) for c in tqdm(mine, desc=desc, disable=not show, leave=False)]
     if world > 1 and dist.is_available() and dist.is_initialized():
         gathered: list = [None] * world
@@ -64,7 +67,8 @@ class SelfPlayCallback(Callback):
         num_beams: beam width of the candidate generation (the paper goes up to 200; wider
             beams give more medium/hard candidates and cost proportionally more).
         batch_size: prompts per beam-search (and reference-scoring) forward.
-        progress_bar: show a tqdm bar for generation and reference scoring (rank 0).
+        progress_bar: show a tqdm bar for generation and reference scoring (rank 0, on a
+            terminal).
     """
 
     def __init__(self, num_beams: int = 20, batch_size: int = 64,
