@@ -17,6 +17,7 @@ The whole method, stage after stage, into one run directory::
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -419,7 +420,7 @@ def _prepare_resume(folder: Path, fp: str | None, resumable: bool,
             try:
                 epoch = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"])
                 log.info("stage %s: resuming the interrupted run from %s (epoch %s)",
-                            folder.name, last, epoch)
+                         folder.name, last, epoch)
                 return str(last), epoch
             except Exception as err:  # noqa: BLE001 - a torn write; start over
                 log.warning("stage %s: %s is unreadable (%s); the stage starts over",
@@ -708,14 +709,10 @@ EXPERIMENT_KEYS = frozenset({"name", "seeds", "reference", "rows", "resamples", 
 ROW_KEYS = frozenset({"name", "pipeline", "stages", "compare", "flags", "stage_flags", "skip"})
 
 
-_COMMIT: list = []
-
-
+@functools.cache
 def _commit_once() -> str | None:
     """:func:`git_commit` (short, dirty marked) of this process, asked once."""
-    if not _COMMIT:
-        _COMMIT.append(git_commit(short=True, mark_dirty=True))
-    return _COMMIT[0]
+    return git_commit(short=True, mark_dirty=True)
 
 
 def _add_invocation(out: Path, seconds: float, report_only: bool) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_modules.components.artifacts import read_json, stage_complete, stage_dir
-from lightning_modules.components.report import split_label
+from lightning_modules.components.report import partial_note
 from lightning_modules.components.statistics import (
     paired_bootstrap,
     per_user_metrics,
@@ -158,8 +158,7 @@ def render_markdown(results: dict) -> str:
         for name, entry in rows.items():
             cells = [_cell(entry[split][m]) if m in entry.get(split, {}) else "—"
                      for m in metrics]
-            label = split_label(split, entry.get("evaluated_users"))
-            stage = entry["stage"] + label[len(split):]  # "sft (slice: first 100 users)"
+            stage = entry["stage"] + partial_note(split, entry.get("evaluated_users"))
             lines.append(f"| {name} | {stage} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _diff_table(results["paired_vs_reference"], metrics,

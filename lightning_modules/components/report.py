@@ -39,17 +39,22 @@ def _fmt_row(name: str, split: str, metrics: dict, keys: list[str]) -> str:
         f"{metrics[k]:.4f}" if k in metrics else "—" for k in keys) + " |"
 
 
-def split_label(split: str, users: dict | None) -> str:
-    """``valid``, or ``valid (300 of 943 users)`` / ``valid (slice: first 100 users)`` when
-    the split's numbers do not cover every user of the dataset."""
+def partial_note(split: str, users: dict | None) -> str:
+    """``""``, or `` (300 of 943 users)`` / `` (slice: first 100 users)`` when the split's
+    numbers do not cover every user of the dataset."""
     if not users or not users.get("partial"):
-        return split
+        return ""
     parts = []
     if split in users and users[split] < users["of"]:
         parts.append(f"{users[split]} of {users['of']} users")
     if "slice" in users:
         parts.append(f"slice: first {users['slice']} users")
-    return f"{split} ({'; '.join(parts)})" if parts else split
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def split_label(split: str, users: dict | None) -> str:
+    """``valid``, or ``valid`` with its :func:`partial_note`."""
+    return split + partial_note(split, users)
 
 
 def render_report(metrics: dict, plots: list[str] | None = None) -> str:
