@@ -97,7 +97,7 @@ class GenerativeRecommender(L.LightningModule):
                  min_lr_ratio: float = 0.05, num_beams: int = 20,
                  ks: list[int] | None = None, exclude_history: bool = True,
                  predict_top_k: int = 10, export_on_fit_end: bool = False,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
         if num_beams < max(ks):
@@ -114,6 +114,10 @@ class GenerativeRecommender(L.LightningModule):
         self.ks = ks
         self.exclude_history = exclude_history
         self.predict_top_k = predict_top_k
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.init_args.label_smoothing must be in [0, 1), got "
+                             f"{label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
         self.export_on_fit_end = export_on_fit_end
         if seed is None:  # lightning's seed_everything records its seed here
             seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
@@ -287,7 +291,7 @@ class GenerativeRecommender(L.LightningModule):
     def training_step(self, batch, batch_idx):
         # The LM head runs on the labelled positions only (same loss as HF's labels=...).
         loss = causal_lm_loss(self.model, batch["input_ids"], batch["attention_mask"],
-                              batch["labels"])
+                              batch["labels"], label_smoothing=self.label_smoothing)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         # Token throughput: real (unpadded) tokens of this batch.

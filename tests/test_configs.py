@@ -93,3 +93,29 @@ def test_beauty_stage_configs_compose_after_the_ml100k_ones(stage, capsys, monke
     data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
     assert data["dataset"] == "Beauty" and data["source"] == "lcrec_json"
     assert data["data_dir"] == "../shared/data/Beauty"
+
+
+def _row_stage_commands():
+    """(experiment, row, stage, argv) for every row stage that the row's stage_flags change."""
+    cases = []
+    for path in sorted(ROOT.glob("configs/experiments/*.yaml")):
+        for row in yaml.safe_load(path.read_text())["rows"]:
+            if row.get("skip") or not row.get("stage_flags"):
+                continue
+            stages = {s["name"]: s for s in yaml.safe_load(
+                (ROOT / row["pipeline"]).read_text())["stages"]}
+            for name, flags in row["stage_flags"].items():
+                stage = stages[name]
+                argv = ["fit", "--config", stage["config"],
+                        *[str(a) for a in stage.get("overrides", [])], *[str(f) for f in flags]]
+                cases.append(pytest.param(argv, id=f"{path.stem}-{row['name']}-{name}"))
+    return cases
+
+
+@pytest.mark.parametrize("argv", _row_stage_commands())
+def test_every_experiment_rows_stage_flags_parse(argv, capsys, monkeypatch):
+    """A misspelt option in a row's stage_flags fails here, not hours into an experiment."""
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        Align3CLI(args=[*argv, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]

@@ -229,3 +229,28 @@ def test_default_threads_follow_the_environment_then_half_the_cores(monkeypatch)
     with pytest.raises(SystemExit, match="ALIGN3GR_THREADS"):
         default_threads()
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_label_smoothing_is_the_smoothed_cross_entropy_on_labelled_positions(arch):
+    if arch == "gpt2":  # the fallback path (model's own logits)
+        cfg = AutoConfig.for_model("gpt2", vocab_size=97, n_embd=32, n_layer=1, n_head=2,
+                                   n_positions=64)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    else:
+        model = tiny_lm(arch).eval()
+    ids, mask, labels = right_padded_batch(2)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    keep = target != -100
+    logp = torch.log_softmax(logits[keep], dim=-1)
+    nll = -logp.gather(1, target[keep][:, None]).squeeze(1)
+    eps = 0.1
+    expected = ((1 - eps) * nll - eps * logp.mean(dim=-1)).mean()
+    got = causal_lm_loss(model, ids, mask, labels, label_smoothing=eps)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(causal_lm_loss(model, ids, mask, labels, label_smoothing=0.0),
+                          nll.mean(), atol=1e-5)
+    assert not torch.allclose(got, nll.mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        causal_lm_loss(model, ids, mask, labels, label_smoothing=1.0)

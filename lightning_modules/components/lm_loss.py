@@ -36,25 +36,34 @@ def _decoder_and_head(model):
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   labels: torch.Tensor) -> torch.Tensor:
+                   labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose (shifted) label is not -100.
 
     Args:
         model: HF causal LM or a peft model around one.
         input_ids, attention_mask, labels: ``[B, T]`` right-padded rows (labels -100 where
             nothing is trained).
+        label_smoothing: share of each target's probability spread uniformly over the
+            vocabulary (as in ``torch.nn.functional.cross_entropy``); 0 = plain cross-entropy.
     Returns:
-        scalar loss (float32), equal to ``model(input_ids, attention_mask, labels=labels).loss``.
+        scalar loss (float32); with ``label_smoothing`` 0 it equals
+        ``model(input_ids, attention_mask, labels=labels).loss``.
     """
-    parts = _decoder_and_head(model)
-    if parts is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    decoder, head = parts
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                     use_cache=False).last_hidden_state
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     target = labels[:, 1:]
     keep = target != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float()
+    parts = _decoder_and_head(model)
+    if parts is None:
+        if label_smoothing == 0.0:
+            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits[:, :-1][keep].float()
+    else:
+        decoder, head = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][keep]).float()
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, target[keep])
+    return F.cross_entropy(logits, target[keep], label_smoothing=label_smoothing)
