@@ -58,6 +58,12 @@ from lightning_modules.components.prompts import (
     pad_items,
 )
 from lightning_modules.components.schedules import warmup_cosine
+from lightning_modules.components.scid_init import (
+    SCID_INITS,
+    init_scid_embeddings,
+    load_codebooks,
+    tokenizer_checkpoint,
+)
 from lightning_modules.components.scid_map import SCIDMap, load_scid_map
 
 log = logging.getLogger(__name__)
@@ -97,7 +103,8 @@ class GenerativeRecommender(L.LightningModule):
                  min_lr_ratio: float = 0.05, num_beams: int = 20,
                  ks: list[int] | None = None, exclude_history: bool = True,
                  predict_top_k: int = 10, export_on_fit_end: bool = False,
-                 seed: int | None = None, label_smoothing: float = 0.0) -> None:
+                 seed: int | None = None, label_smoothing: float = 0.0,
+                 scid_init: str = "random") -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
         if num_beams < max(ks):
@@ -118,6 +125,10 @@ class GenerativeRecommender(L.LightningModule):
             raise ValueError(f"model.init_args.label_smoothing must be in [0, 1), got "
                              f"{label_smoothing}")
         self.label_smoothing = float(label_smoothing)
+        if scid_init not in SCID_INITS:
+            raise ValueError(f"model.init_args.scid_init must be one of {list(SCID_INITS)}, "
+                             f"got {scid_init!r}")
+        self.scid_init = scid_init
         self.export_on_fit_end = export_on_fit_end
         if seed is None:  # lightning's seed_everything records its seed here
             seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
@@ -168,7 +179,22 @@ class GenerativeRecommender(L.LightningModule):
                 raise RuntimeError("GenerativeRecommender needs an SCID map: give run_dir or use "
                                    "it with an SFTDataModule")
             tokenizer, ids = build_tokenizer(self.backbone_cfg, corpus, self._scid_vocab(scid_map))
-            self._install(tokenizer, scid_map, ids)
+            prepare = None
+            if self.scid_init == "codebook":
+                if dm is not None and hasattr(dm, "scid_path"):
+                    folder = dm.scid_path()  # the SCID map's folder: its checkpoint matches
+                elif self.run_dir:
+                    folder = Path(self.run_dir) / "tokenizer"
+                else:
+                    raise ValueError("model.init_args.scid_init: codebook needs the run directory "
+                                     "(model.init_args.run_dir) with the tokenizer stage")
+                path = tokenizer_checkpoint(folder)
+                books = load_codebooks(path)
+
+                def prepare(model, tokenizer=tokenizer, scid_map=scid_map, books=books):
+                    n = init_scid_embeddings(model, tokenizer, scid_map, books, seed=self.seed)
+                    log.info("scid_init: %d SCID embedding rows from the codebooks of %s", n, path)
+            self._install(tokenizer, scid_map, ids, prepare=prepare)
         if dm is not None and hasattr(dm, "attach_tokenizer"):
             self.attach_data(dm)
 
@@ -176,14 +202,16 @@ class GenerativeRecommender(L.LightningModule):
     def _scid_vocab(scid_map: SCIDMap) -> list[str]:
         return scid_map.item_vocabulary() + scid_map.user_vocabulary()
 
-    def _install(self, tokenizer, scid_map: SCIDMap, scid_ids: list[int], model=None) -> None:
-        """Set tokenizer, SCID map, item-token table and trie; build the model unless given."""
+    def _install(self, tokenizer, scid_map: SCIDMap, scid_ids: list[int], model=None,
+                 prepare=None) -> None:
+        """Set tokenizer, SCID map, item-token table and trie; build the model unless given
+        (``prepare(model)`` runs on a built model before its fine-tuning mode is applied)."""
         self.tokenizer = tokenizer
         self.scid_map = scid_map
         self.scid_token_ids = list(scid_ids)
         if model is None:
             model = build_model(self.backbone_cfg, tokenizer, self.scid_token_ids, self.lora_cfg,
-                                seed=self.seed)
+                                seed=self.seed, prepare=prepare)
         self.model = model
         rows = [scid_map.item_token_list(i) for i in range(scid_map.num_items)]
         flat = tokenizer.convert_tokens_to_ids([t for r in rows for t in r])

@@ -185,9 +185,11 @@ def add_hidden_dropout(model: PreTrainedModel, p: float) -> None:
 
 
 def build_model(cfg: BackboneConfig, tokenizer, new_token_ids: list[int] | None = None,
-                lora: LoraSettings | None = None, seed: int | None = None) -> PreTrainedModel:
+                lora: LoraSettings | None = None, seed: int | None = None,
+                prepare=None) -> PreTrainedModel:
     """The causal LM for ``tokenizer`` (embeddings resized to ``len(tokenizer)``), fine-tuning
-    mode applied (see :func:`apply_finetuning`)."""
+    mode applied (see :func:`apply_finetuning`). ``prepare(model)``, when given, runs on the
+    plain model before that (e.g. to initialise the new token rows)."""
     if cfg.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation,
@@ -210,6 +212,8 @@ def build_model(cfg: BackboneConfig, tokenizer, new_token_ids: list[int] | None 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     add_hidden_dropout(model, cfg.dropout)
+    if prepare is not None:
+        prepare(model)
     return apply_finetuning(model, cfg, new_token_ids or [], lora)
 
 
