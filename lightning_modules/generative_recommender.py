@@ -179,24 +179,30 @@ class GenerativeRecommender(L.LightningModule):
                 raise RuntimeError("GenerativeRecommender needs an SCID map: give run_dir or use "
                                    "it with an SFTDataModule")
             tokenizer, ids = build_tokenizer(self.backbone_cfg, corpus, self._scid_vocab(scid_map))
-            prepare = None
-            if self.scid_init == "codebook":
-                if dm is not None and hasattr(dm, "scid_path"):
-                    folder = dm.scid_path()  # the SCID map's folder: its checkpoint matches
-                elif self.run_dir:
-                    folder = Path(self.run_dir) / "tokenizer"
-                else:
-                    raise ValueError("model.init_args.scid_init: codebook needs the run directory "
-                                     "(model.init_args.run_dir) with the tokenizer stage")
-                path = tokenizer_checkpoint(folder)
-                books = load_codebooks(path)
-
-                def prepare(model, tokenizer=tokenizer, scid_map=scid_map, books=books):
-                    n = init_scid_embeddings(model, tokenizer, scid_map, books, seed=self.seed)
-                    log.info("scid_init: %d SCID embedding rows from the codebooks of %s", n, path)
+            prepare = (self._codebook_init(dm, tokenizer, scid_map)
+                       if self.scid_init == "codebook" else None)
             self._install(tokenizer, scid_map, ids, prepare=prepare)
         if dm is not None and hasattr(dm, "attach_tokenizer"):
             self.attach_data(dm)
+
+    def _codebook_init(self, dm, tokenizer, scid_map: SCIDMap):
+        """``prepare(model)`` for ``scid_init: codebook``: the SCID rows from the codebooks of
+        the tokenizer checkpoint next to the SCID map."""
+        if dm is not None and hasattr(dm, "scid_path"):
+            folder = dm.scid_path()  # the SCID map's folder: its checkpoint matches
+        elif self.run_dir:
+            folder = Path(self.run_dir) / "tokenizer"
+        else:
+            raise ValueError("model.init_args.scid_init: codebook needs the run directory "
+                             "(model.init_args.run_dir) with the tokenizer stage")
+        path = tokenizer_checkpoint(folder)
+        books = load_codebooks(path)
+
+        def prepare(model):
+            n = init_scid_embeddings(model, tokenizer, scid_map, books, seed=self.seed)
+            log.info("scid_init: %d SCID embedding rows from the codebooks of %s", n, path)
+
+        return prepare
 
     @staticmethod
     def _scid_vocab(scid_map: SCIDMap) -> list[str]:

@@ -61,10 +61,10 @@ def init_scid_embeddings(model, tokenizer, scid_map: SCIDMap,
     """
     emb = model.get_input_embeddings().weight
     hidden = emb.shape[1]
-    scid_ids = set(tokenizer.convert_tokens_to_ids(
-        scid_map.item_vocabulary() + scid_map.user_vocabulary()))
-    others = torch.tensor([i for i in range(emb.shape[0]) if i not in scid_ids])
-    scale = float(emb.detach()[others].float().std()) if len(others) > 1 else 0.02
+    others = torch.ones(emb.shape[0], dtype=torch.bool)
+    others[tokenizer.convert_tokens_to_ids(
+        scid_map.item_vocabulary() + scid_map.user_vocabulary())] = False
+    scale = float(emb.detach()[others].float().std()) if int(others.sum()) > 1 else 0.02
     gen = torch.Generator().manual_seed(int(seed))
     plan = [("item", scid_map.item_prefixes, scid_map.item_codebook_sizes)]
     if scid_map.user_codes is not None:
