@@ -43,6 +43,7 @@ from lightning_modules.components.artifacts import (
     read_json,
     stage_complete,
     stage_dir,
+    stage_lock,
     upstream_digest,
     write_ranks,
 )
@@ -578,6 +579,10 @@ def pipeline(argv: list[str]) -> int:
                         help="copy a stage from a run under DIR whose fingerprint (resolved "
                              "config, seed, upstream stages) is the same instead of "
                              "recomputing it (repeatable)")
+    parser.add_argument("--lock_dir", default=None, metavar="DIR",
+                        help="lock each stage's fingerprint under DIR while it is computed, so "
+                             "that pipelines running at the same time with the same --reuse "
+                             "compute an equal stage once (experiment --workers sets it)")
     args, passthrough = parser.parse_known_args(argv)
     check_stage_flags(parser, passthrough, "pipeline", allow_seed=True)
     cfg_path = Path(args.config)
@@ -633,22 +638,27 @@ def pipeline(argv: list[str]) -> int:
         if marker.exists() and rank0:
             # Re-run: the stage is not complete again until its new stage.json.
             marker.unlink()
-        source = None if args.force else find_stage(args.reuse, name, fp)
-        if source is not None:
+        # With --lock_dir, a concurrent pipeline computing the same stage finishes it first
+        # and this one copies it (only rank 0 locks: DDP children join the computation).
+        waiting = functools.partial(log.info, "stage %s: another pipeline is computing the same "
+                                    "stage (fingerprint %s); waiting to reuse it", name, fp)
+        with stage_lock(args.lock_dir if rank0 else None, name, fp, on_wait=waiting):
+            source = None if args.force else find_stage(args.reuse, name, fp)
+            if source is not None:
+                if rank0:
+                    copy_stage(source, stage_dir(run_dir, name))
+                    log.info("stage %s: same config, seed and upstream as %s; copied, not "
+                             "recomputed", name, source)
+                    write_reports(run_dir, label, names)
+                upstream[name] = upstream_digest(read_json(stage_dir(source.parent, name)
+                                                           / "stage.json"))
+                continue
+            log.info("stage %s: running %s", name, config)
+            record = run_stage(name, config, run_dir, extra, provenance)
+            if record is not None:  # rank 0; the other ranks only help compute the stage
+                upstream[name] = upstream_digest(read_json(marker))
             if rank0:
-                copy_stage(source, stage_dir(run_dir, name))
-                log.info("stage %s: same config, seed and upstream as %s; copied, not "
-                            "recomputed", name, source)
                 write_reports(run_dir, label, names)
-            upstream[name] = upstream_digest(read_json(stage_dir(source.parent, name)
-                                                       / "stage.json"))
-            continue
-        log.info("stage %s: running %s", name, config)
-        record = run_stage(name, config, run_dir, extra, provenance)
-        if record is not None:  # rank 0; the other ranks only help compute the stage
-            upstream[name] = upstream_digest(read_json(marker))
-        if rank0:
-            write_reports(run_dir, label, names)
     if rank0:
         path = write_reports(run_dir, label, names)
         print(f"metrics: {path}\nreport:  {run_dir / 'report.md'}\n"
@@ -681,8 +691,12 @@ def default_threads() -> int:
             if n < 1:
                 raise SystemExit(f"{var}={value!r}: expected a positive integer")
             return n
+    return max(1, min(4, _usable_cores() // 2))
+
+
+def _usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(4, (cores or 1) // 2))
+    return cores or 1
 
 
 USAGE = """usage: cli.py SUBCOMMAND [options]
@@ -775,8 +789,14 @@ def experiment(argv: list[str]) -> int:
                         help="also reuse equal stages (same fingerprint) from runs under DIR, "
                              "e.g. another experiment (repeatable; this experiment's own runs "
                              "are always searched)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs computed at the same time, each a separate process with "
+                             "its share of the CPU threads (default 1: one after the other in "
+                             "this process); stages shared by rows are still computed once")
     args, passthrough = parser.parse_known_args(argv)
     check_stage_flags(parser, passthrough, "experiment", allow_seed=False)
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: expected a positive integer")
     path = Path(args.config)
     spec = load_spec(parser, path, EXPERIMENT_KEYS, "experiment")
     rows = spec.get("rows") or []
@@ -810,6 +830,7 @@ def experiment(argv: list[str]) -> int:
     reference = spec.get("reference") or rows[0]["name"]
     out = Path(args.out)
     started = time.perf_counter()
+    jobs: list[tuple[str, int, list[str]]] = []  # (row, seed, pipeline argv), row after row
     for row in [] if args.report_only else rows:
         if row.get("skip"):
             log.info("experiment: row %s skipped: %s", row["name"], row["skip"])
@@ -826,14 +847,19 @@ def experiment(argv: list[str]) -> int:
                                       "with the row's stage_flags\n"
                               + yaml.safe_dump(pipe, sort_keys=False))
         for seed in seeds:
-            run = run_dir_of(out, row["name"], seed)
-            log.info("experiment: row %s, seed %d -> %s", row["name"], seed, run)
-            pipeline(["--config", config, "--run_dir", str(run),
-                      "--stages", ",".join(row["stages"]), f"--seed_everything={seed}",
-                      "--reuse", str(out / "runs"),
-                      *[x for d in args.reuse for x in ("--reuse", d)],
-                      f"--data.init_args.seed={seed}",
-                      *[str(f) for f in row.get("flags", [])], *passthrough])
+            jobs.append((row["name"], seed, [
+                "--config", config, "--run_dir", str(run_dir_of(out, row["name"], seed)),
+                "--stages", ",".join(row["stages"]), f"--seed_everything={seed}",
+                "--reuse", str(out / "runs"), *[x for d in args.reuse for x in ("--reuse", d)],
+                f"--data.init_args.seed={seed}",
+                *[str(f) for f in row.get("flags", [])], *passthrough]))
+    failed = []
+    if args.workers == 1:
+        for name, seed, argv_ in jobs:
+            log.info("experiment: row %s, seed %d -> %s", name, seed, run_dir_of(out, name, seed))
+            pipeline(argv_)
+    elif jobs:
+        failed = run_workers(jobs, args.workers, out)
     results = collect_results(out, {**spec, "reference": reference}, rows, seeds,
                               resamples=int(spec.get("resamples", 1000)))
     ran = [r["name"] for r in rows if not r.get("skip")]
@@ -850,7 +876,61 @@ def experiment(argv: list[str]) -> int:
     plot = plot_means(results, out / "results.png")
     print(f"results: {out / 'results.json'}\nreport:  {out / 'results.md'}"
           + (f"\nplot:    {plot}" if plot else ""))
+    if failed:
+        print("failed runs (the report lists them as incomplete; run the command again to "
+              "resume them):\n" + "\n".join(f"  {f}" for f in failed), file=sys.stderr)
+        return 1
     return 0
+
+
+def run_workers(jobs: list[tuple[str, int, list[str]]], workers: int, out: Path) -> list[str]:
+    """Run the experiment's pipelines as ``workers`` concurrent ``cli.py pipeline`` processes,
+    each with its share of the CPU threads and a log file under ``<out>/logs/``; returns the
+    failed runs. Jobs are taken in row-then-seed order, so the workers start on different
+    seeds; stages that several rows share wait on a lock (``--lock_dir``) and are computed
+    once, then copied."""
+    import subprocess
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_modules.components.experiment import run_dir_of
+
+    if any(os.environ.get(v) for v in ("ALIGN3GR_THREADS", "OMP_NUM_THREADS")):
+        threads = default_threads()  # the user's choice, per worker
+    else:  # the cores shared out (2 workers on 2 cores: one thread each)
+        threads = max(1, min(4, _usable_cores() // workers))
+    env = {**os.environ, "ALIGN3GR_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    script = str(Path(__file__).resolve())
+    failed: list[str] = []
+    done = [0]
+    guard = threading.Lock()
+    log.info("experiment: %d runs on %d workers, %d torch thread(s) each; logs in %s",
+             len(jobs), workers, threads, logs)
+
+    def one(job: tuple[str, int, list[str]]) -> None:
+        name, seed, argv_ = job
+        path = logs / f"{name}_seed{seed}.log"
+        log.info("experiment: row %s, seed %d started -> %s (log %s)", name, seed,
+                 run_dir_of(out, name, seed), path)
+        start = time.perf_counter()
+        with open(path, "a") as handle:
+            rc = subprocess.run([sys.executable, script, "pipeline", *argv_,
+                                 "--lock_dir", str(out / "locks")], env=env, stdout=handle,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        with guard:
+            done[0] += 1
+            if rc != 0:
+                failed.append(f"row {name}, seed {seed}: exit {rc}, see {path}")
+            log.log(logging.INFO if rc == 0 else logging.ERROR,
+                    "experiment: [%d/%d] row %s, seed %d %s in %.0f s", done[0], len(jobs),
+                    name, seed, "finished" if rc == 0 else f"FAILED (exit {rc}, log {path})",
+                    time.perf_counter() - start)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, jobs))
+    return failed
 
 
 class _LevelFormatter(logging.Formatter):

@@ -130,3 +130,60 @@ def test_experiment_reuses_stages_shared_by_rows(tmp_path):
     reported = json.loads((out / "results.json").read_text())
     assert reported["rows"] == res["rows"] and reported["commit"] is None
     assert reported["wall_seconds"] == res["wall_seconds"]  # a report adds no wall time
+
+
+def test_experiment_workers_compute_shared_stages_once(tmp_path):
+    """Two worker processes, 2 rows x 2 seeds of the same stage: each seed's stage is computed
+    once (the other worker waits on its lock, then copies it), every run is complete, and the
+    results equal those of one process computing the same runs one after the other."""
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("name: workers\nseeds: 2\nrows:\n"
+                    "  - {name: a, pipeline: configs/ml100k/pipeline.yaml, stages: [sasrec]}\n"
+                    "  - {name: b, pipeline: configs/ml100k/pipeline.yaml, stages: [sasrec]}\n")
+    flags = ["--data.init_args.max_users=40", "--trainer.max_epochs=1",
+             "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",
+                                                            "ALIGN3GR_THREADS")}
+    out = tmp_path / "parallel"
+    proc = subprocess.run([sys.executable, "cli.py", "experiment", "--config", str(spec),
+                           "--out", str(out), "--workers", "2", *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "4 runs on 2 workers" in proc.stderr and "[4/4]" in proc.stderr
+    logs = sorted((out / "logs").glob("*.log"))
+    assert [p.name for p in logs] == ["a_seed0.log", "a_seed1.log", "b_seed0.log",
+                                      "b_seed1.log"]
+    assert sum(p.read_text().count("stage sasrec: running") for p in logs) == 2
+    for seed in (0, 1):
+        a, b = (json.loads((out / "runs" / r / f"seed{seed}" / "sasrec" / "stage.json")
+                           .read_text()) for r in ("a", "b"))
+        assert a["stage_fingerprint"] == b["stage_fingerprint"]
+        assert ("reused_from" in a) != ("reused_from" in b)  # one computed, one copied
+    res = json.loads((out / "results.json").read_text())
+    assert not res["incomplete"]
+    sequential = tmp_path / "sequential"
+    proc = subprocess.run([sys.executable, "cli.py", "experiment", "--config", str(spec),
+                           "--out", str(sequential), "--rows", "a", *flags],
+                          cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    seq = json.loads((sequential / "results.json").read_text())
+    assert seq["rows"]["a"]["test"] == res["rows"]["a"]["test"]
+
+
+def test_experiment_workers_report_a_failed_run(tmp_path):
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("name: failing\nseeds: 1\nrows:\n"
+                    "  - {name: a, pipeline: configs/ml100k/pipeline.yaml, stages: [sft]}\n")
+    out = tmp_path / "exp"
+    proc = subprocess.run([sys.executable, "cli.py", "experiment", "--config", str(spec),
+                           "--out", str(out), "--workers", "2",
+                           "--data.init_args.max_users=40"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    # The sft stage needs the tokenizer's SCIDs, which this run does not have.
+    assert proc.returncode == 1
+    assert "row a, seed 0: exit 2, see" in proc.stderr and "FAILED" in proc.stderr
+    log = (out / "logs" / "a_seed0.log").read_text()
+    assert "no SCID map here; run the 'tokenizer' stage first" in log
+    assert json.loads((out / "results.json").read_text())["incomplete"]

@@ -7,6 +7,7 @@ rename), so a killed run never leaves a stage that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -256,6 +257,35 @@ def find_stage(roots, stage: str, stage_fingerprint: str) -> Path | None:
                     not artifact_problems(marker.parent, record, hashes=False):
                 return marker.parent
     return None
+
+
+@contextlib.contextmanager
+def stage_lock(lock_dir: str | os.PathLike | None, stage: str, stage_fingerprint: str,
+               on_wait=None):
+    """Hold an exclusive lock on one stage fingerprint while it is found or computed, so that
+    concurrent pipelines (``experiment --workers``) compute each equal stage once: the second
+    waits for the first, then finds its result with :func:`find_stage`. ``None``: no lock.
+    ``on_wait()`` is called once if the lock is held by another process. The lock is a
+    ``flock`` on ``<lock_dir>/<stage>-<fingerprint>.lock``; the kernel drops it when its
+    holder exits, so a killed worker never leaves a stage locked."""
+    if lock_dir is None:
+        yield
+        return
+    import fcntl
+
+    path = Path(lock_dir) / f"{stage}-{stage_fingerprint}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def copy_stage(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
