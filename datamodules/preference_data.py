@@ -44,13 +44,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sft_data import SFTDataModule
-from lightning_modules.components.selfplay import BUCKETS, bucket_candidates, pad_negatives
+from lightning_modules.components.selfplay import (
+    BUCKETS,
+    FEEDBACK_KINDS,
+    NEGATIVE_KINDS,
+    bucket_candidates,
+    pad_negatives,
+)
 
 log = logging.getLogger(__name__)
 
-SELF_PLAY_KINDS = ("easy", "medium", "hard", "beam")
-FEEDBACK_KINDS = ("dislike", "neutral")
-NEGATIVE_KINDS = SELF_PLAY_KINDS + ("random",) + FEEDBACK_KINDS
 
 
 @dataclass

@@ -40,13 +40,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from datamodules.preference_data import FEEDBACK_KINDS, NEGATIVE_KINDS
 from lightning_modules.components.artifacts import atomic_write_json
 from lightning_modules.components.decoding import attn_implementation, forward_params
 from lightning_modules.components.dpo_losses import SoftmaxDPOLoss, reward_statistics
 from lightning_modules.components.metrics import RankingEvaluator
 from lightning_modules.components.prompts import encode_prompts
 from lightning_modules.components.schedules import warmup_cosine_factor
+from lightning_modules.components.selfplay import FEEDBACK_KINDS, NEGATIVE_KINDS
 
 log = logging.getLogger(__name__)
 

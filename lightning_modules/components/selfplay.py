@@ -14,6 +14,11 @@ from collections.abc import Iterable, Sequence
 import torch
 
 BUCKETS = ("easy", "medium", "hard")
+# Kinds of rejected items of a preference stage: the model's own beams (by shared code
+# positions, or any), random catalogue items, and items the user rated low (real feedback).
+SELF_PLAY_KINDS = BUCKETS + ("beam",)
+FEEDBACK_KINDS = ("dislike", "neutral")
+NEGATIVE_KINDS = SELF_PLAY_KINDS + ("random",) + FEEDBACK_KINDS
 
 
 def shared_positions(candidate_codes: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
