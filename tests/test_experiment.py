@@ -81,6 +81,13 @@ def test_slice_experiment_two_rows_two_seeds(tmp_path):
     assert comp["ndcg@10"]["users"] == 2 * 60 and comp["seeds"] == [0, 1]
     means = [res["rows"][r]["test"]["ndcg@10"]["mean"] for r in ("sasrec_32", "sasrec_64")]
     assert comp["ndcg@10"]["mean_diff"] == pytest.approx(means[0] - means[1], abs=1e-6)
+    # The same pairing on validation users, for choosing between rows without the test.
+    valid = res["paired_vs_reference_valid"]["sasrec_32"]
+    assert valid["ndcg@10"]["users"] == 2 * 60 and valid["seeds"] == [0, 1]
+    vmeans = [res["rows"][r]["valid"]["ndcg@10"]["mean"] for r in ("sasrec_32", "sasrec_64")]
+    assert valid["ndcg@10"]["mean_diff"] == pytest.approx(vmeans[0] - vmeans[1], abs=1e-6)
+    assert valid["ndcg@10"]["mean_diff"] != comp["ndcg@10"]["mean_diff"]
+    assert "## valid: difference against sasrec_64" in (out / "results.md").read_text()
     assert "| sasrec_32 | sasrec (slice: first 60 users) |" in (out / "results.md").read_text()
     assert res["rows"]["sasrec_32"]["evaluated_users"]["slice"] == 60
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

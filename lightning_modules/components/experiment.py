@@ -35,12 +35,12 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
     under ``incomplete`` and left out of the statistics."""
     out = Path(out)
     reference = spec.get("reference") or rows[0]["name"]
-    table, ranks, incomplete = {}, {}, []
+    table, ranks, valid_ranks, incomplete = {}, {}, {}, []
     for row in rows:
         if row.get("skip"):
             continue
         name, stage = row["name"], row["compare"]
-        per_seed, rank_files = {}, {}
+        per_seed, rank_files, valid_files = {}, {}, {}
         for seed in seeds:
             run = run_dir_of(out, name, seed)
             if not stage_complete(run, stage):
@@ -48,9 +48,10 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
                 continue
             record = read_json(stage_dir(run, stage) / "stage.json")
             per_seed[seed] = record
-            path = stage_dir(run, stage) / "ranks_test.npy"
-            if path.exists():
-                rank_files[seed] = np.load(path)
+            for files, split in ((rank_files, "test"), (valid_files, "valid")):
+                path = stage_dir(run, stage) / f"ranks_{split}.npy"
+                if path.exists():
+                    files[seed] = np.load(path)
         if not per_seed:
             continue
         entry = {"stage": stage, "seeds": sorted(per_seed),
@@ -65,13 +66,17 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
                                            if m in (per_seed[s].get(split) or {})])
                             for m in metrics}
         table[name] = entry
-        ranks[name] = rank_files
-    comparisons = {name: _paired(ranks[name], ranks[reference], table[name], name,
-                                 reference, resamples)
-                   for name in ranks if name != reference and reference in ranks}
+        ranks[name], valid_ranks[name] = rank_files, valid_files
+    comparisons, valid_comparisons = ({
+        name: _paired(by_row[name], by_row[reference], table[name], name, reference, resamples)
+        for name in by_row if name != reference and reference in by_row}
+        for by_row in (ranks, valid_ranks))
     out_dict = {"name": spec.get("name", ""), "reference": reference, "seeds": seeds,
                 "rows": table, "paired_vs_reference": {k: v for k, v in comparisons.items()
                                                        if v is not None},
+                # The same on validation users: what a choice between rows may look at.
+                "paired_vs_reference_valid": {k: v for k, v in valid_comparisons.items()
+                                              if v is not None},
                 "incomplete": incomplete,
                 "skipped": {r["name"]: str(r["skip"]) for r in rows if r.get("skip")},
                 "compute_seconds": _compute_seconds(out, rows, seeds)}
@@ -89,8 +94,8 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
 
 def _paired(mine_files: dict, ref_files: dict, entry: dict, name: str, reference: str,
             resamples: int) -> dict | None:
-    """Paired bootstrap of row ``name`` against row ``reference`` over test users, the seeds
-    both have pooled; ``None`` when they share no seed."""
+    """Paired bootstrap of row ``name`` against row ``reference`` over the users of one split
+    (the rank files given), the seeds both have pooled; ``None`` when they share no seed."""
     common = sorted(set(mine_files) & set(ref_files))
     if not common:
         return None
@@ -166,6 +171,9 @@ def render_markdown(results: dict) -> str:
     if results.get("paired_vs_previous"):
         lines += _diff_table(results["paired_vs_previous"], metrics,
                              "test: difference against the row above", against=True)
+    lines += _diff_table(results.get("paired_vs_reference_valid") or {}, metrics,
+                         f"valid: difference against {results['reference']} (what a choice "
+                         "between rows may use)")
     if results.get("skipped"):
         lines += ["Rows not run: " + "; ".join(f"{k} ({v})" for k, v in
                                                 results["skipped"].items()), ""]
