@@ -179,8 +179,11 @@ class GenerativeRecommender(L.LightningModule):
                 raise RuntimeError("GenerativeRecommender needs an SCID map: give run_dir or use "
                                    "it with an SFTDataModule")
             tokenizer, ids = build_tokenizer(self.backbone_cfg, corpus, self._scid_vocab(scid_map))
+            # Only a fit starts from the codebooks: validate/test/predict load trained weights.
+            fitting = self._trainer is None or getattr(self._trainer.state.fn, "value",
+                                                       None) == "fit"
             prepare = (self._codebook_init(dm, tokenizer, scid_map)
-                       if self.scid_init == "codebook" else None)
+                       if self.scid_init == "codebook" and fitting else None)
             self._install(tokenizer, scid_map, ids, prepare=prepare)
         if dm is not None and hasattr(dm, "attach_tokenizer"):
             self.attach_data(dm)

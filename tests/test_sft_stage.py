@@ -210,6 +210,8 @@ def test_a_kill_before_the_export_leaves_the_stage_incomplete(tmp_path, monkeypa
              "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
              "--trainer.limit_test_batches=1", "--trainer.accelerator=cpu",
              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             # a synthetic SCID map: no tokenizer checkpoint whose codebooks could start the LM
+             "--model.init_args.scid_init=random",
              *[f"--model.init_args.backbone.{k}={v}" for k, v in TINY.items()]]
 
     def killed(self, *a, **k):
