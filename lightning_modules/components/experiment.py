@@ -35,12 +35,13 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
     under ``incomplete`` and left out of the statistics."""
     out = Path(out)
     reference = spec.get("reference") or rows[0]["name"]
-    table, ranks, valid_ranks, incomplete = {}, {}, {}, []
+    table, incomplete = {}, []
+    ranks: dict[str, dict[str, dict]] = {split: {} for split in SPLITS}  # split -> row -> seed
     for row in rows:
         if row.get("skip"):
             continue
         name, stage = row["name"], row["compare"]
-        per_seed, rank_files, valid_files = {}, {}, {}
+        per_seed, rank_files = {}, {split: {} for split in SPLITS}
         for seed in seeds:
             run = run_dir_of(out, name, seed)
             if not stage_complete(run, stage):
@@ -48,10 +49,10 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
                 continue
             record = read_json(stage_dir(run, stage) / "stage.json")
             per_seed[seed] = record
-            for files, split in ((rank_files, "test"), (valid_files, "valid")):
+            for split in SPLITS:
                 path = stage_dir(run, stage) / f"ranks_{split}.npy"
                 if path.exists():
-                    files[seed] = np.load(path)
+                    rank_files[split][seed] = np.load(path)
         if not per_seed:
             continue
         entry = {"stage": stage, "seeds": sorted(per_seed),
@@ -66,26 +67,30 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
                                            if m in (per_seed[s].get(split) or {})])
                             for m in metrics}
         table[name] = entry
-        ranks[name], valid_ranks[name] = rank_files, valid_files
-    comparisons, valid_comparisons = ({
-        name: _paired(by_row[name], by_row[reference], table[name], name, reference, resamples)
-        for name in by_row if name != reference and reference in by_row}
-        for by_row in (ranks, valid_ranks))
+        for split in SPLITS:
+            ranks[split][name] = rank_files[split]
+
+    def against_reference(by_row: dict) -> dict:
+        if reference not in by_row:
+            return {}
+        comps = {name: _paired(by_row[name], by_row[reference], table[name], name, reference,
+                               resamples) for name in by_row if name != reference}
+        return {name: comp for name, comp in comps.items() if comp is not None}
+
     out_dict = {"name": spec.get("name", ""), "reference": reference, "seeds": seeds,
-                "rows": table, "paired_vs_reference": {k: v for k, v in comparisons.items()
-                                                       if v is not None},
+                "rows": table, "paired_vs_reference": against_reference(ranks["test"]),
                 # The same on validation users: what a choice between rows may look at.
-                "paired_vs_reference_valid": {k: v for k, v in valid_comparisons.items()
-                                              if v is not None},
+                "paired_vs_reference_valid": against_reference(ranks["valid"]),
                 "incomplete": incomplete,
                 "skipped": {r["name"]: str(r["skip"]) for r in rows if r.get("skip")},
                 "compute_seconds": _compute_seconds(out, rows, seeds)}
     if spec.get("steps"):
         # A ladder: every row also against the row above it.
-        done = [r["name"] for r in rows if r["name"] in ranks]
+        test = ranks["test"]
+        done = [r["name"] for r in rows if r["name"] in test]
         steps = {}
         for above, name in zip(done, done[1:]):
-            got = _paired(ranks[name], ranks[above], table[name], name, above, resamples)
+            got = _paired(test[name], test[above], table[name], name, above, resamples)
             if got is not None:
                 steps[name] = {"against": above, **got}
         out_dict["paired_vs_previous"] = steps
