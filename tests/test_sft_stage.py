@@ -242,3 +242,32 @@ def test_cli_predict_writes_where_output_says_and_honours_overrides(trained, tmp
     lines = out.read_text().splitlines()
     assert len(lines) == MAX_USERS and len(json.loads(lines[0])["items"]) == 3
     assert f"predictions: {out}" in capsys.readouterr().out
+
+
+def test_ema_lever_tests_and_exports_the_averaged_weights(tmp_path):
+    """configs/ablations/sft_ema.yaml through the pipeline's stage runner: the best checkpoint
+    holds the EMA weights (the raw ones beside them), and the exported HF model is the EMA one."""
+    from transformers import AutoModelForCausalLM
+
+    from cli import run_stage
+
+    root = Path(__file__).resolve().parent.parent
+    scid_map().save(tmp_path / "tokenizer")
+    flags = ["--config", str(root / "configs" / "ablations" / "sft_ema.yaml"),
+             f"--data.init_args.max_users={MAX_USERS}", "--trainer.max_epochs=1",
+             "--trainer.limit_train_batches=6", "--trainer.limit_val_batches=1",
+             "--trainer.limit_test_batches=1", "--trainer.accelerator=cpu",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             "--trainer.check_val_every_n_epoch=1", "--model.init_args.scid_init=random",
+             *[f"--model.init_args.backbone.{k}={v}" for k, v in TINY.items()]]
+    run_stage("sft", str(root / "configs" / "ml100k" / "sft.yaml"), tmp_path, flags)
+    ckpt = torch.load(tmp_path / "sft" / "checkpoints" / "best.ckpt", weights_only=False)
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert averaged.keys() == raw.keys()
+    moved = [k for k in averaged if averaged[k].is_floating_point()
+             and not torch.equal(averaged[k], raw[k])]
+    assert moved, "the EMA weights equal the raw ones: nothing was averaged"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "hf").state_dict()
+    key = next(k for k in moved if k.removeprefix("model.") in hf)
+    assert torch.equal(hf[key.removeprefix("model.")], averaged[key])
+    assert not torch.equal(hf[key.removeprefix("model.")], raw[key])
