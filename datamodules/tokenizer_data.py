@@ -8,8 +8,10 @@ Per entity (item or user) the input vector is the concatenation of
   ``user_embeddings.pt``).
 
 Each block is L2-normalised per row, so text and behaviour weigh the same in the reconstruction
-whatever their widths and scales. ``features`` picks the blocks (the ablation switch); a dataset
-without item text runs collaborative-only.
+whatever their widths and scales; ``collaborative_weight`` then scales the collaborative block
+(the balance of the two in the fusion's input and in the RQ-VAE's reconstruction target, whose
+squared error weighs that block by its square). ``features`` picks the blocks (the ablation
+switch); a dataset without item text runs collaborative-only.
 
 Training batches are (user, positive item) pairs from the training split only, each with
 ``num_negatives`` items sampled uniformly among those the user has no training interaction with.
@@ -20,6 +22,7 @@ utilization and collisions over the whole catalogue cheaply.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import numpy as np
@@ -84,6 +87,9 @@ class TokenizerDataModule(RecDataModule):
         text_encoder: the frozen sentence encoder (None = bundled all-MiniLM-L6-v2).
         item_text_fields: item fields that make the item text (None = all, in source order).
         user_text_fields: user profile fields that make the user text (None = all).
+        collaborative_weight: scale of the L2-normalised collaborative block against the
+            semantic one (1 = equal norms; 2 = behaviour counts four times as much in the
+            reconstruction). Used only when both blocks are present.
         num_negatives: negatives per (user, positive) pair for the U2I loss (paper: 60).
         batch_size: (user, positive) pairs per training batch.
         **kwargs: :class:`~datamodules.base.RecDataModule` arguments (``dataset``,
@@ -95,12 +101,19 @@ class TokenizerDataModule(RecDataModule):
     def __init__(self, features: Literal["both", "semantic", "collaborative"] = "both",
                  text_encoder: TextEncoder | None = None,
                  item_text_fields: list[str] | None = None,
-                 user_text_fields: list[str] | None = None, num_negatives: int = 60,
+                 user_text_fields: list[str] | None = None,
+                 collaborative_weight: float = 1.0, num_negatives: int = 60,
                  batch_size: int = 1024, **kwargs) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         if features not in ("both", "semantic", "collaborative"):
             raise ValueError(f"features must be both|semantic|collaborative, got {features!r}")
+        if isinstance(collaborative_weight, bool) or \
+                not isinstance(collaborative_weight, (int, float)) or \
+                not math.isfinite(collaborative_weight) or collaborative_weight <= 0:
+            raise ValueError("data.init_args.collaborative_weight must be a finite number > 0, "
+                             f"got {collaborative_weight!r}")
         self.features = features
+        self.collaborative_weight = float(collaborative_weight)
         self.text_encoder = text_encoder
         self.item_text_fields = item_text_fields
         self.user_text_fields = user_text_fields
@@ -139,8 +152,12 @@ class TokenizerDataModule(RecDataModule):
             used.append("collaborative")
             self.info["sasrec_fingerprint"] = sasrec_info.get("fingerprint", "")
         # Zero rows (users without training items) stay zero under F.normalize.
-        self.item_x = torch.cat([F.normalize(b, dim=1) for b in blocks_items], dim=1)
-        self.user_x = torch.cat([F.normalize(b, dim=1) for b in blocks_users], dim=1)
+        weights = [self.collaborative_weight if name == "collaborative" and len(used) > 1
+                   else 1.0 for name in used]
+        self.item_x = torch.cat([w * F.normalize(b, dim=1)
+                                 for w, b in zip(weights, blocks_items)], dim=1)
+        self.user_x = torch.cat([w * F.normalize(b, dim=1)
+                                 for w, b in zip(weights, blocks_users)], dim=1)
 
         pair_users = np.concatenate([np.full(len(items), user) for user, items
                                      in zip(split.users, split.train_items)]).astype(np.int64)
@@ -151,6 +168,7 @@ class TokenizerDataModule(RecDataModule):
         self.positive_keys = torch.unique(self.pair_users * data.num_items + self.pair_items)
         self.info.update(dataset=data.name, num_items=data.num_items, num_users=data.num_users,
                          train_pairs=len(pair_items), features=used,
+                         block_weights=dict(zip(used, weights)),
                          item_text_fields=self.item_text_fields,
                          user_text_fields=self.user_text_fields,
                          text_encoder=self._encoder().name if "semantic" in used else None,

@@ -176,6 +176,23 @@ def test_inputs_are_normalised_text_and_collaborative_blocks(trained):
     assert trained.dm.info["features"] == ["semantic", "collaborative"]
 
 
+def test_collaborative_weight_scales_only_that_block(trained, tmp_path):
+    dm = data(trained.run_dir, collaborative_weight=2.0)
+    dm.setup()
+    for x, ref in ((dm.item_x, trained.dm.item_x), (dm.user_x, trained.dm.user_x)):
+        assert torch.equal(x[:, :TEXT_DIM], ref[:, :TEXT_DIM])
+        assert torch.allclose(x[:, TEXT_DIM:], 2.0 * ref[:, TEXT_DIM:])
+    assert dm.info["block_weights"] == {"semantic": 1.0, "collaborative": 2.0}
+    assert trained.dm.info["block_weights"] == {"semantic": 1.0, "collaborative": 1.0}
+    # one block: nothing to balance, the inputs stay unit rows
+    dm = data(trained.run_dir, features="collaborative", collaborative_weight=3.0)
+    dm.setup()
+    assert torch.allclose(dm.item_x.norm(dim=1), torch.ones(ITEMS), atol=1e-5)
+    for bad in (0, -1.0, float("nan"), "2", True):
+        with pytest.raises(ValueError, match="collaborative_weight must be a finite number > 0"):
+            data(trained.run_dir, collaborative_weight=bad)
+
+
 def test_items_only_and_shared_quantizer(tmp_path):
     torch.manual_seed(0)
     items, users = torch.randn(300, 20), torch.randn(80, 20)
@@ -282,6 +299,21 @@ def test_configs_compose(ablation, check, tmp_path):
     assert isinstance(cli.model, DualTokenizer)
     assert isinstance(cli.datamodule, TokenizerDataModule)
     assert check(cli.model, cli.datamodule)
+
+
+def test_u2i_lever_config_keeps_the_checkpoint_and_reweights_phase_2(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cli import Align3CLI
+
+    cli = Align3CLI(args=cli_args("configs/ml100k/tokenizer.yaml",
+                                  "configs/ablations/tokenizer_u2i_1.0.yaml", run_dir=tmp_path),
+                    run=False)
+    schedules = [c for c in cli.trainer.callbacks if isinstance(c, TwoPhaseLossSchedule)]
+    assert len(schedules) == 1
+    assert [schedules[0].weights(e) for e in (3, 4)] == [(1.0, 0.0), (1.0, 1.0)]
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert [c.filename for c in checkpoints] == ["tokenizer"]
 
 
 def test_loss_schedule_phases():
