@@ -1,8 +1,11 @@
-"""SFT throughput on ML-100K: training tokens/s (data pipeline + forward + backward + AdamW) and
-beam-search users/s, per backbone size and seqrec form. Prints a table.
+"""SFT throughput: training tokens/s and rows/s (data pipeline + forward + the stage's loss +
+backward + AdamW) and beam-search users/s, per backbone size, seqrec form and batch size.
+Prints a table.
 
-    python bench/bench_sft.py                       # tiny default model, both seqrec forms
+    python bench/bench_sft.py                       # ML-100K, tiny default model, both seqrec forms
     python bench/bench_sft.py --threads 2 --steps 30 --sizes 64x2 128x4 256x4
+    python bench/bench_sft.py --modes sequence --batch-sizes 32 64 128 \
+        --dataset Beauty --source lcrec_json --data-dir ../shared/data/Beauty   # Amazon Beauty
     python bench/bench_sft.py --scid-dir runs/ml100k/tokenizer   # codes of a real tokenizer run
     python bench/bench_sft.py --write-cooc-scid runs/dev/tokenizer   # write a stand-in map, exit
 
@@ -13,7 +16,9 @@ k-means over item co-occurrence SVD vectors of the training split, users = mean 
 items, a last level that de-duplicates): the map the SFT quality numbers in the stage report
 were measured with while the tokenizer stage was being written.
 ``s/epoch`` extrapolates the measured rate to the examples of one epoch with the default
-task weights of ``configs/ml100k/sft.yaml``.
+task weights of ``configs/ml100k/sft.yaml`` (a dataset without item text or user profiles keeps
+only the tasks it can build). ``ms/row`` is the training cost of one row: when it stays flat
+as the batch grows, a step is compute-bound and larger batches buy no speed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -31,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.sft_data import SFTDataModule  # noqa: E402
 from lightning_modules.components.backbone import BackboneConfig, count_parameters  # noqa: E402
+from lightning_modules.components.lm_loss import causal_lm_loss  # noqa: E402
 from lightning_modules.components.scid_map import SCIDMap  # noqa: E402
 from lightning_modules.generative_recommender import GenerativeRecommender  # noqa: E402
 
@@ -38,9 +45,10 @@ TASKS = {"seqrec": 1.0, "item2index": 0.5, "index2item": 0.25, "user2index": 0.5
          "index2user": 0.25, "fusionseqrec": 0.1}
 
 
-class _Trainer:  # the one attribute configure_model() reads
+class _Trainer:  # the attributes configure_model() reads
     def __init__(self, dm):
         self.datamodule = dm
+        self.state = SimpleNamespace(fn=SimpleNamespace(value="fit"))
 
 
 def random_scid(num_items: int, num_users: int, sizes=(32, 32, 32), seed: int = 0) -> SCIDMap:
@@ -107,10 +115,11 @@ def cooccurrence_scid(sizes=(32, 32, 32), dim: int = 32) -> SCIDMap:
                    list(sizes) + [user_dedup], meta={"source": "bench_sft cooccurrence"})
 
 
-def bench_one(scid_dir: str, size: str, mode: str, args) -> dict:
+def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args) -> dict:
     hidden, layers = (int(x) for x in size.split("x"))
-    dm = SFTDataModule(dataset="ml-100k", scid_dir=scid_dir, tasks=TASKS, seqrec_mode=mode,
-                       batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, seed=0)
+    dm = SFTDataModule(dataset=args.dataset, source=args.source, data_dir=args.data_dir,
+                       scid_dir=scid_dir, tasks=TASKS, seqrec_mode=mode,
+                       batch_size=batch_size, eval_batch_size=args.eval_batch_size, seed=0)
     dm.setup("fit")
     model = GenerativeRecommender(backbone=BackboneConfig(
         hidden_size=hidden, num_layers=layers, num_heads=max(1, hidden // 32),
@@ -128,7 +137,7 @@ def bench_one(scid_dir: str, size: str, mode: str, args) -> dict:
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         batch = next(it)  # collation (tokenization) counts: it is part of training
-        loss = net(**batch).loss
+        loss = causal_lm_loss(net, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -147,9 +156,10 @@ def bench_one(scid_dir: str, size: str, mode: str, args) -> dict:
         model.recommend(prompts, seen[s:s + args.eval_batch_size], num_beams=20)
     users_s = len(rows) / (time.perf_counter() - t0)
     return {"size": size, "params": count_parameters(net)["total"], "mode": mode,
-            "tok/step": tokens / args.steps, "tok/s": tok_s, "ex/epoch": epoch_examples,
+            "batch": batch_size, "tok/step": tokens / args.steps, "tok/s": tok_s,
+            "rows/s": ex_s, "ms/row": 1000.0 / ex_s, "ex/epoch": epoch_examples,
             "s/epoch": epoch_examples / ex_s, "users/s": users_s,
-            "eval s (943 users)": len(dm.split.users) / users_s}
+            "eval s (all users)": len(dm.split.users) / users_s}
 
 
 def main() -> None:
@@ -158,7 +168,11 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["sequence", "prompt"])
     ap.add_argument("--steps", type=int, default=20, help="timed training steps")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-sizes", "--batch-size", nargs="+", type=int, default=[32],
+                    help="training rows per step (one table row each)")
+    ap.add_argument("--dataset", default="ml-100k", help="dataset name (as data.init_args.dataset)")
+    ap.add_argument("--source", default="auto", help="lcrec_json | recbole | auto")
+    ap.add_argument("--data-dir", default=None, help="folder of the dataset's files")
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--eval-users", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -178,14 +192,19 @@ def main() -> None:
         if scid_dir is None:
             from datamodules.sources import load_dataset
 
-            data = load_dataset("ml-100k")
-            random_scid(data.num_items, data.num_users).save(tmp)
+            data = load_dataset(args.dataset, source=args.source, data_dir=args.data_dir)
+            # Enough codes for every item (32^3 ~ 33k; larger catalogues get wider levels).
+            width = 32
+            while width ** 3 < max(data.num_items, data.num_users):
+                width *= 2
+            random_scid(data.num_items, data.num_users, sizes=(width,) * 3).save(tmp)
             scid_dir = tmp
-        rows = [bench_one(scid_dir, size, mode, args) for size in args.sizes
-                for mode in args.modes]
-    cols = ["size", "params", "mode", "tok/step", "tok/s", "ex/epoch", "s/epoch", "users/s",
-            "eval s (943 users)"]
-    print(f"\nSFT on ML-100K, torch threads {torch.get_num_threads()}, batch {args.batch_size}")
+        rows = [bench_one(scid_dir, size, mode, batch_size, args) for size in args.sizes
+                for mode in args.modes for batch_size in args.batch_sizes]
+    cols = ["size", "params", "mode", "batch", "tok/step", "tok/s", "rows/s", "ms/row",
+            "ex/epoch", "s/epoch", "users/s", "eval s (all users)"]
+    print(f"\nSFT on {args.dataset}, torch threads {torch.get_num_threads()}, "
+          f"{args.steps} timed steps after {args.warmup}")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
