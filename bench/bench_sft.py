@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.sft_data import SFTDataModule  # noqa: E402
 from lightning_modules.components.backbone import BackboneConfig, count_parameters  # noqa: E402
-from lightning_modules.components.lm_loss import causal_lm_loss  # noqa: E402
+from lightning_modules.components.lm_loss import causal_lm_loss, pack_rows  # noqa: E402
 from lightning_modules.components.scid_map import SCIDMap  # noqa: E402
 from lightning_modules.generative_recommender import GenerativeRecommender  # noqa: E402
 
@@ -115,7 +115,8 @@ def cooccurrence_scid(sizes=(32, 32, 32), dim: int = 32) -> SCIDMap:
                    list(sizes) + [user_dedup], meta={"source": "bench_sft cooccurrence"})
 
 
-def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args) -> dict:
+def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args,
+              pack: bool = False) -> dict:
     hidden, layers = (int(x) for x in size.split("x"))
     dm = SFTDataModule(dataset=args.dataset, source=args.source, data_dir=args.data_dir,
                        scid_dir=scid_dir, tasks=TASKS, seqrec_mode=mode,
@@ -132,12 +133,13 @@ def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args) -> dic
     loader = dm.train_dataloader()
     epoch_examples = len(loader.dataset)
     it = iter(loader)
-    tokens = examples = 0
+    tokens = examples = cells = 0
     elapsed = 0.0
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         batch = next(it)  # collation (tokenization) counts: it is part of training
-        loss = causal_lm_loss(net, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss = causal_lm_loss(net, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                              pack=pack)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -145,6 +147,8 @@ def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args) -> dic
             elapsed += time.perf_counter() - t0
             tokens += int(batch["attention_mask"].sum())
             examples += batch["input_ids"].shape[0]
+            cells += (pack_rows(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                      .input_ids.numel() if pack else batch["input_ids"].numel())
     tok_s = tokens / elapsed
     ex_s = examples / elapsed
     # Beam search (evaluation / serving): users per second.
@@ -156,7 +160,8 @@ def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args) -> dic
         model.recommend(prompts, seen[s:s + args.eval_batch_size], num_beams=20)
     users_s = len(rows) / (time.perf_counter() - t0)
     return {"size": size, "params": count_parameters(net)["total"], "mode": mode,
-            "batch": batch_size, "tok/step": tokens / args.steps, "tok/s": tok_s,
+            "batch": batch_size, "pack": "on" if pack else "off",
+            "fill": tokens / cells, "tok/step": tokens / args.steps, "tok/s": tok_s,
             "rows/s": ex_s, "ms/row": 1000.0 / ex_s, "ex/epoch": epoch_examples,
             "s/epoch": epoch_examples / ex_s, "users/s": users_s,
             "eval s (all users)": len(dm.split.users) / users_s}
@@ -170,6 +175,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-sizes", "--batch-size", nargs="+", type=int, default=[32],
                     help="training rows per step (one table row each)")
+    ap.add_argument("--pack", nargs="+", default=["off", "on"], choices=["off", "on"],
+                    help="row packing of the loss (model.init_args.pack_rows): off, on or both")
     ap.add_argument("--dataset", default="ml-100k", help="dataset name (as data.init_args.dataset)")
     ap.add_argument("--source", default="auto", help="lcrec_json | recbole | auto")
     ap.add_argument("--data-dir", default=None, help="folder of the dataset's files")
@@ -199,9 +206,11 @@ def main() -> None:
                 width *= 2
             random_scid(data.num_items, data.num_users, sizes=(width,) * 3).save(tmp)
             scid_dir = tmp
-        rows = [bench_one(scid_dir, size, mode, batch_size, args) for size in args.sizes
-                for mode in args.modes for batch_size in args.batch_sizes]
-    cols = ["size", "params", "mode", "batch", "tok/step", "tok/s", "rows/s", "ms/row",
+        rows = [bench_one(scid_dir, size, mode, batch_size, args, pack=pack == "on")
+                for size in args.sizes for mode in args.modes
+                for batch_size in args.batch_sizes for pack in args.pack]
+    cols = ["size", "params", "mode", "batch", "pack", "fill", "tok/step", "tok/s", "rows/s",
+            "ms/row",
             "ex/epoch", "s/epoch", "users/s", "eval s (all users)"]
     print(f"\nSFT on {args.dataset}, torch threads {torch.get_num_threads()}, "
           f"{args.steps} timed steps after {args.warmup}")

@@ -91,6 +91,14 @@ class GenerativeRecommender(L.LightningModule):
             (``cli.py`` exports after fit/test by itself; this is for plain Trainer use).
         seed: seed of the backbone's random initialisation (``None``: the run's
             ``seed_everything`` value, so that the seeds of an experiment vary it too).
+        label_smoothing: training cross-entropy smoothing in ``[0, 1)``.
+        scid_init: ``codebook`` (SCID embedding rows start at the tokenizer's codebook
+            vectors) or ``random``.
+        pack_rows: pack the rows of a training batch into shared sequences with a
+            block-diagonal causal mask instead of padding them
+            (:func:`~lightning_modules.components.lm_loss.pack_rows`): the same loss and
+            gradient over fewer cells. Used where the attention reads 4-D masks (sdpa,
+            eager); flash-attention trains on the padded batch.
     """
 
     reads_stages = ("tokenizer",)  # the SCID map
@@ -104,7 +112,7 @@ class GenerativeRecommender(L.LightningModule):
                  ks: list[int] | None = None, exclude_history: bool = True,
                  predict_top_k: int = 10, export_on_fit_end: bool = False,
                  seed: int | None = None, label_smoothing: float = 0.0,
-                 scid_init: str = "random") -> None:
+                 scid_init: str = "random", pack_rows: bool = True) -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
         if num_beams < max(ks):
@@ -129,6 +137,7 @@ class GenerativeRecommender(L.LightningModule):
             raise ValueError(f"model.init_args.scid_init must be one of {list(SCID_INITS)}, "
                              f"got {scid_init!r}")
         self.scid_init = scid_init
+        self.pack_rows = bool(pack_rows)
         self.export_on_fit_end = export_on_fit_end
         if seed is None:  # lightning's seed_everything records its seed here
             seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
@@ -326,9 +335,11 @@ class GenerativeRecommender(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def training_step(self, batch, batch_idx):
-        # The LM head runs on the labelled positions only (same loss as HF's labels=...).
+        # The LM head runs on the labelled positions only (same loss as HF's labels=...), and
+        # with pack_rows the rows share sequences instead of padding (same loss and gradient).
         loss = causal_lm_loss(self.model, batch["input_ids"], batch["attention_mask"],
-                              batch["labels"], label_smoothing=self.label_smoothing)
+                              batch["labels"], label_smoothing=self.label_smoothing,
+                              pack=self.pack_rows)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         # Token throughput: real (unpadded) tokens of this batch.

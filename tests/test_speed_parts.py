@@ -1,5 +1,5 @@
 """The pieces that make the stages cheaper compute what they replace: the labelled-positions
-LM loss, the rand-mask dropout, length-grouped batching, SASRec's shifted windows and cosine
+LM loss, row packing, the rand-mask dropout, length-grouped batching, SASRec's shifted windows and cosine
 schedule, and the per-stage timer."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from callbacks.timing import StageTimer
 from datamodules.sequential_data import SequentialDataModule, TrainWindows
 from datamodules.sft_data import LengthGroupedSampler
 from lightning_modules.components.dropout import FastDropout, fast_dropout, replace_dropout
-from lightning_modules.components.lm_loss import causal_lm_loss
+from lightning_modules.components.lm_loss import causal_lm_loss, pack_rows, takes_packed_rows
 
 
 def tiny_lm(arch: str = "llama", seed: int = 0):
@@ -254,3 +254,83 @@ def test_label_smoothing_is_the_smoothed_cross_entropy_on_labelled_positions(arc
     assert not torch.allclose(got, nll.mean(), atol=1e-5)
     with pytest.raises(ValueError, match="label_smoothing"):
         causal_lm_loss(model, ids, mask, labels, label_smoothing=1.0)
+
+
+def ragged_batch(seed: int = 0, left: bool = False):
+    """Rows of lengths 11, 3, 7, 1, 0 and 5 (one empty), padded right or left."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [11, 3, 7, 1, 0, 5]
+    ids = torch.randint(3, 97, (len(lengths), 11), generator=g)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        if left:
+            mask[r, 11 - n:] = 1
+        else:
+            mask[r, :n] = 1
+    ids[mask == 0] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[0, :4] = -100                # a prompt that is not trained
+    if left:  # a padded batch would train "padding -> first token"; rows never do
+        first = mask.argmax(1)
+        labels[torch.arange(len(lengths)), first] = -100
+    return ids, mask, labels, lengths
+
+
+def test_pack_rows_lays_rows_end_to_end_with_their_own_targets_and_mask():
+    ids, mask, labels, lengths = ragged_batch()
+    packed = pack_rows(ids, mask, labels)
+    assert packed.rows == 5 and packed.input_ids.shape == (3, 11)  # 11 | 7+3+1 | 5
+    assert int((packed.position_ids.flatten() == 0).sum()) == 5 + (3 * 11 - 27)  # starts + empty
+    # Every row's tokens appear once, in order, at positions 0..n-1, with targets = next label.
+    for r, n in enumerate(lengths):
+        if n == 0:
+            continue
+        row = ids[r][mask[r].bool()]
+        hits = [(s, c) for s in range(3) for c in range(11 - n + 1)
+                if torch.equal(packed.input_ids[s, c:c + n], row)
+                and torch.equal(packed.position_ids[s, c:c + n], torch.arange(n))]
+        assert hits, f"row {r} not found"
+        s, c = hits[0]
+        want = torch.cat([labels[r][mask[r].bool()][1:], torch.tensor([-100])])
+        assert torch.equal(packed.targets[s, c:c + n], want)
+        block = packed.attention_mask[s, 0, c:c + n, c:c + n]
+        assert torch.equal(block, torch.ones(n, n, dtype=torch.bool).tril())
+        # ... and sees nothing of the rows packed beside it.
+        assert int(packed.attention_mask[s, 0, c:c + n].sum()) == n * (n + 1) // 2
+    # The last token of a packed row never predicts the next row's first token.
+    assert int((packed.targets != -100).sum()) == int((labels[:, 1:] != -100).sum())
+
+
+@pytest.mark.parametrize("arch,impl,left", [("llama", "sdpa", False), ("qwen2", "sdpa", True),
+                                            ("llama", "eager", False)])
+def test_packed_loss_equals_padded_loss_and_gradient(arch, impl, left):
+    model = tiny_lm(arch).eval()
+    model.config._attn_implementation = impl
+    ids, mask, labels, _ = ragged_batch(1, left=left)
+    ref = causal_lm_loss(model, ids, mask, labels)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = causal_lm_loss(model, ids, mask, labels, pack=True)
+    loss.backward()
+    assert torch.allclose(loss, ref, atol=1e-6)
+    for p, g in zip(model.parameters(), ref_grads):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+def test_packing_is_skipped_where_the_attention_takes_no_4d_mask():
+    model = tiny_lm().eval()
+    assert takes_packed_rows(model)
+    model.config._attn_implementation = "flash_attention_2"
+    assert not takes_packed_rows(model)
+    model.config._attn_implementation = "sdpa"
+    cfg = AutoConfig.for_model("gpt2", vocab_size=97, n_embd=32, n_layer=1, n_head=2,
+                               n_positions=64)
+    gpt2 = AutoModelForCausalLM.from_config(cfg).eval()
+    assert not takes_packed_rows(gpt2)
+    ids, mask, labels = right_padded_batch()
+    # The fallback is the padded loss, not an error.
+    assert torch.allclose(causal_lm_loss(gpt2, ids, mask, labels, pack=True),
+                          gpt2(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                          atol=1e-6)
