@@ -345,7 +345,18 @@ class SFTDataModule(RecDataModule):
         self.setup()
         if rows is None:
             rows = np.arange(len(self.split.users))
+        if stage != "predict":
+            rows = self.by_prompt_length(rows, stage)
         return self.eval_loader(EvalDataset(self.split, stage, rows), collate_fn=eval_collate)
+
+    def by_prompt_length(self, rows: np.ndarray, stage: str) -> np.ndarray:
+        """``rows`` ordered by the length of their ``stage`` history in the prompt, longest
+        first (stable), so that a beam-search batch holds prompts of similar length and its
+        left padding stays short (as the self-play callback orders its prompts). Metrics and
+        the exported ranks do not depend on the order (ranks are sorted by row)."""
+        hist = np.array([min(len(self.split.history(int(r), stage)), self.max_history)
+                         for r in rows], dtype=np.int64)
+        return np.asarray(rows)[np.argsort(-hist, kind="stable")]
 
     def fit_validation_rows(self) -> np.ndarray | None:
         """Split rows validated during fit: a seeded sample of ``val_max_users`` (sorted), or
