@@ -271,3 +271,23 @@ def test_ema_lever_tests_and_exports_the_averaged_weights(tmp_path):
     key = next(k for k in moved if k.removeprefix("model.") in hf)
     assert torch.equal(hf[key.removeprefix("model.")], averaged[key])
     assert not torch.equal(hf[key.removeprefix("model.")], raw[key])
+
+
+def test_evaluation_batches_users_by_history_length_without_changing_metrics(trained,
+                                                                              monkeypatch):
+    _, dm, model, tr, _ = trained
+    for stage, loader in (("valid", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        rows = torch.cat([b["rows"] for b in loader]).tolist()
+        assert sorted(rows) == list(range(MAX_USERS))          # every user once
+        hist = [min(len(dm.split.history(r, stage)), dm.max_history) for r in rows]
+        assert hist == sorted(hist, reverse=True)              # longest histories first
+    predict_rows = torch.cat([b["rows"] for b in dm.predict_dataloader()]).tolist()
+    assert predict_rows == list(range(MAX_USERS))              # predictions keep user order
+    # The metrics and the per-user ranks are those of the users in their own order.
+    by_length = tr.test(model, datamodule=dm, verbose=False)[0]
+    sorted_ranks = model.last_ranks["test"]
+    monkeypatch.setattr(SFTDataModule, "by_prompt_length", lambda self, rows, stage: rows)
+    plain = tr.test(model, datamodule=dm, verbose=False)[0]
+    assert plain == pytest.approx(by_length, abs=1e-6)
+    rows, ranks = model.last_ranks["test"]
+    assert torch.equal(rows, sorted_ranks[0]) and torch.equal(ranks, sorted_ranks[1])
