@@ -124,7 +124,8 @@ def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args,
     dm.setup("fit")
     model = GenerativeRecommender(backbone=BackboneConfig(
         hidden_size=hidden, num_layers=layers, num_heads=max(1, hidden // 32),
-        intermediate_size=3 * hidden))
+        intermediate_size=3 * hidden, dropout=args.dropout,
+        attention_dropout=args.attention_dropout))
     model._trainer = _Trainer(dm)
     model.configure_model()
     model._trainer = None
@@ -175,6 +176,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-sizes", "--batch-size", nargs="+", type=int, default=[32],
                     help="training rows per step (one table row each)")
+    ap.add_argument("--dropout", type=float, default=0.2,
+                    help="hidden dropout of the built model (configs/ml100k/sft.yaml: 0.2)")
+    ap.add_argument("--attention-dropout", type=float, default=0.0,
+                    help="attention-probability dropout (the shipped CPU config: 0.0)")
     ap.add_argument("--pack", nargs="+", default=["off", "on"], choices=["off", "on"],
                     help="row packing of the loss (model.init_args.pack_rows): off, on or both")
     ap.add_argument("--dataset", default="ml-100k", help="dataset name (as data.init_args.dataset)")
