@@ -1,6 +1,6 @@
 """The pieces that make the stages cheaper compute what they replace: the labelled-positions
-LM loss, row packing, the rand-mask dropout, length-grouped batching, SASRec's shifted windows and cosine
-schedule, and the per-stage timer."""
+LM loss, row packing, the rand-mask dropout, length-grouped batching, SASRec's shifted windows
+and cosine schedule, and the per-stage timer."""
 
 from __future__ import annotations
 
