@@ -81,6 +81,13 @@ def test_slice_experiment_two_rows_two_seeds(tmp_path):
     assert comp["ndcg@10"]["users"] == 2 * 60 and comp["seeds"] == [0, 1]
     means = [res["rows"][r]["test"]["ndcg@10"]["mean"] for r in ("sasrec_32", "sasrec_64")]
     assert comp["ndcg@10"]["mean_diff"] == pytest.approx(means[0] - means[1], abs=1e-6)
+    # Over seeds: the per-seed differences of the row means, with a t-interval over the seeds.
+    seeds = comp["over_seeds"]["ndcg@10"]
+    per_seed_diff = [a - b for a, b in zip(res["rows"]["sasrec_32"]["test"]["ndcg@10"]["values"],
+                                           res["rows"]["sasrec_64"]["test"]["ndcg@10"]["values"])]
+    assert seeds["values"] == pytest.approx(per_seed_diff, abs=1e-6) and seeds["n"] == 2
+    assert seeds["low"] <= seeds["mean"] <= seeds["high"]
+    assert "## test: difference against sasrec_64 over seeds" in (out / "results.md").read_text()
     # The same pairing on validation users, for choosing between rows without the test.
     valid = res["paired_vs_reference_valid"]["sasrec_32"]
     assert valid["ndcg@10"]["users"] == 2 * 60 and valid["seeds"] == [0, 1]

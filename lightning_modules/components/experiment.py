@@ -114,6 +114,11 @@ def _paired(mine_files: dict, ref_files: dict, entry: dict, name: str, reference
                                     resamples=resamples, seed=0)
            for metric in mine[0]}
     out["seeds"] = common
+    # The bootstrap above holds each seed's trained model fixed; the spread between training
+    # runs shows only in the per-seed differences: their t-interval over the seeds.
+    out["over_seeds"] = {metric: t_interval([float(m[metric].mean() - r[metric].mean())
+                                             for m, r in zip(mine, ref)])
+                         for metric in mine[0]}
     return out
 
 
@@ -173,6 +178,8 @@ def render_markdown(results: dict) -> str:
         lines.append("")
     lines += _diff_table(results["paired_vs_reference"], metrics,
                          f"test: difference against {results['reference']}")
+    lines += _seed_table(results["paired_vs_reference"], metrics,
+                         f"test: difference against {results['reference']} over seeds")
     if results.get("paired_vs_previous"):
         lines += _diff_table(results["paired_vs_previous"], metrics,
                              "test: difference against the row above", against=True)
@@ -206,6 +213,31 @@ def _diff_table(comps: dict, metrics: list[str], title: str, against: bool = Fal
             cells.append(f"**{text}**" if c["excludes_zero"] else text)
         lines.append(f"| {name} | " + (f"{comp['against']} | " if against else "")
                      + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _seed_table(comps: dict, metrics: list[str], title: str) -> list[str]:
+    """Per-seed mean differences with a t-interval over the seeds: the run-to-run spread of
+    training, which the user-level bootstrap (seeds pooled) does not see."""
+    comps = {n: c["over_seeds"] for n, c in comps.items() if c.get("over_seeds")}
+    if not comps:
+        return []
+    lines = [f"## {title}", "", "Mean of the per-seed differences of the row means, 95% "
+             "t-interval over the seeds (wide with few seeds; a difference that the user "
+             "bootstrap finds and this interval does not may be training noise).", "",
+             "| row | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name, comp in comps.items():
+        cells = []
+        for m in metrics:
+            c = comp.get(m)
+            if c is None:
+                cells.append("—")
+            elif c["half_width"] is None:
+                cells.append(f"{c['mean']:+.4f}")
+            else:
+                text = f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
+                cells.append(f"**{text}**" if c["low"] > 0 or c["high"] < 0 else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
