@@ -41,7 +41,11 @@ import torch
 from torch import nn
 
 from lightning_modules.components.artifacts import atomic_write_json
-from lightning_modules.components.decoding import attn_implementation, forward_params
+from lightning_modules.components.decoding import (
+    attn_implementation,
+    forward_params,
+    mask_for_attention,
+)
 from lightning_modules.components.dpo_losses import SoftmaxDPOLoss, reward_statistics
 from lightning_modules.components.metrics import RankingEvaluator
 from lightning_modules.components.prompts import encode_prompts
@@ -155,11 +159,8 @@ def _score_packed(model, input_ids, attention_mask, response_tokens, impl: str) 
     mask = allowed.unsqueeze(0) & keys.unsqueeze(1)                              # [B, T, T]
     # Left-padding query rows would see no key at all (NaN in softmax): let them see themselves.
     mask |= torch.eye(total, dtype=torch.bool, device=device).unsqueeze(0)
-    mask = mask.unsqueeze(1)                                                     # [B, 1, T, T]
-    if impl == "eager":
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
-            ~mask, torch.finfo(dtype).min)
+    mask = mask_for_attention(mask.unsqueeze(1), impl,                           # [B, 1, T, T]
+                              next(model.parameters()).dtype)
     kwargs = {}
     if "logits_to_keep" in forward_params(model):
         kwargs["logits_to_keep"] = 1 + width  # the LM head only where a response token is read

@@ -320,8 +320,14 @@ def _packed_step_mask(prompt_mask: torch.Tensor, ancestors: list[torch.Tensor], 
     gen[:, :, -1] = torch.eye(width, dtype=torch.bool, device=device)
     prompt = prompt_mask.bool()[:, None, :].expand(batch, width, plen)
     mask = torch.cat([prompt, gen.reshape(batch, width, levels * width)], dim=2).unsqueeze(1)
+    return mask_for_attention(mask, impl, dtype)
+
+
+def mask_for_attention(mask: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean 4-D mask (True = may attend) in the form ``impl`` reads: as it is for sdpa,
+    additive (0 / the dtype's minimum) for eager attention."""
     if impl == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(dtype).min)
     return mask
 

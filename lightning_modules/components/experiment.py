@@ -196,48 +196,42 @@ def render_markdown(results: dict) -> str:
 
 
 def _diff_table(comps: dict, metrics: list[str], title: str, against: bool = False) -> list[str]:
-    if not comps:
-        return []
-    lines = [f"## {title}", "", "| row | " + ("against | " if against else "")
-             + " | ".join(metrics) + " |",
-             "|---|" + ("---|" if against else "") + "---|" * len(metrics)]
-    for name, comp in comps.items():
-        cells = []
-        for m in metrics:
-            c = comp.get(m)
-            if c is None:
-                cells.append("—")
-                continue
-            text = (f"{c['mean_diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] "
-                    f"p={c['p_value']:.3f}")
-            cells.append(f"**{text}**" if c["excludes_zero"] else text)
-        lines.append(f"| {name} | " + (f"{comp['against']} | " if against else "")
-                     + " | ".join(cells) + " |")
-    return lines + [""]
+    def cell(c: dict) -> str:
+        text = (f"{c['mean_diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] "
+                f"p={c['p_value']:.3f}")
+        return f"**{text}**" if c["excludes_zero"] else text
+
+    return _table(comps, metrics, title, cell, against=against)
 
 
 def _seed_table(comps: dict, metrics: list[str], title: str) -> list[str]:
     """Per-seed mean differences with a t-interval over the seeds: the run-to-run spread of
     training, which the user-level bootstrap (seeds pooled) does not see."""
-    comps = {n: c["over_seeds"] for n, c in comps.items() if c.get("over_seeds")}
+    def cell(c: dict) -> str:
+        if c["half_width"] is None:
+            return f"{c['mean']:+.4f}"
+        text = f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
+        return f"**{text}**" if c["low"] > 0 or c["high"] < 0 else text
+
+    intro = ("Mean of the per-seed differences of the row means, 95% t-interval over the "
+             "seeds (wide with few seeds; a difference that the user bootstrap finds and this "
+             "interval does not may be training noise).")
+    return _table({n: c["over_seeds"] for n, c in comps.items() if c.get("over_seeds")},
+                  metrics, title, cell, intro=intro)
+
+
+def _table(comps: dict, metrics: list[str], title: str, cell, intro: str | None = None,
+           against: bool = False) -> list[str]:
+    """A markdown table of one comparison per row, ``cell(stat)`` per metric ("—" if absent)."""
     if not comps:
         return []
-    lines = [f"## {title}", "", "Mean of the per-seed differences of the row means, 95% "
-             "t-interval over the seeds (wide with few seeds; a difference that the user "
-             "bootstrap finds and this interval does not may be training noise).", "",
-             "| row | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    lines = [f"## {title}", ""] + ([intro, ""] if intro else []) + [
+        "| row | " + ("against | " if against else "") + " | ".join(metrics) + " |",
+        "|---|" + ("---|" if against else "") + "---|" * len(metrics)]
     for name, comp in comps.items():
-        cells = []
-        for m in metrics:
-            c = comp.get(m)
-            if c is None:
-                cells.append("—")
-            elif c["half_width"] is None:
-                cells.append(f"{c['mean']:+.4f}")
-            else:
-                text = f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
-                cells.append(f"**{text}**" if c["low"] > 0 or c["high"] < 0 else text)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        cells = ["—" if comp.get(m) is None else cell(comp[m]) for m in metrics]
+        lines.append(f"| {name} | " + (f"{comp['against']} | " if against else "")
+                     + " | ".join(cells) + " |")
     return lines + [""]
 
 

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.components.decoding import attn_implementation, mask_for_attention
+
 IGNORE_INDEX = -100
 
 # model_type values whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``.
@@ -118,11 +120,8 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
 def takes_packed_rows(model) -> bool:
     """Whether :func:`causal_lm_loss` can pack this model's rows: the fast path applies and
     its attention reads 4-D masks (``sdpa`` / ``eager``; not flash-attention)."""
-    if _decoder_and_head(model) is None:
-        return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    impl = getattr(getattr(base, "config", None), "_attn_implementation", None) or "sdpa"
-    return impl in ("sdpa", "eager")
+    return _decoder_and_head(model) is not None and attn_implementation(model) in ("sdpa",
+                                                                                  "eager")
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -167,12 +166,8 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 
 def _packed_loss(model, packed: PackedRows, label_smoothing: float) -> torch.Tensor:
     decoder, head = _decoder_and_head(model)
-    mask = packed.attention_mask
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "_attn_implementation", None) == "eager":
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min)
+    mask = mask_for_attention(packed.attention_mask, attn_implementation(model),
+                              next(model.parameters()).dtype)
     hidden = decoder(input_ids=packed.input_ids, attention_mask=mask,
                      position_ids=packed.position_ids, use_cache=False).last_hidden_state
     keep = packed.targets != IGNORE_INDEX
