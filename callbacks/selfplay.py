@@ -10,6 +10,11 @@ after that epoch's validation), the callback
    ``random`` negatives), with a progress bar;
 4. buckets the candidates into pairs (:meth:`PreferenceDataModule.build_pairs`), computes the
    reference log-probs once for the whole pair set, and hands the pairs to the DataModule.
+   When the stage was opened in step 1, the policy that ran the beam search IS the reference,
+   so every rejected item that came from a beam takes its beam score (the same sum of
+   full-vocabulary log-probabilities, in eval mode); only the chosen items and the others
+   (e.g. rated items of the real-feedback stages) are scored again. On the Beauty pipeline
+   that scoring pass was about a third of the self-play time.
 
 The Trainer must reload the train dataloader every epoch (``reload_dataloaders_every_n_epochs
 = 1``; set here when it is not). Changing the data in ``on_train_epoch_start`` would be too
@@ -125,19 +130,23 @@ class SelfPlayCallback(Callback):
             raise ValueError(f"epoch {epoch} is past the curriculum ({pl_module.total_epochs} "
                              "epochs)")
         stage = pl_module.schedule[index]
-        pl_module.begin_stage(index)
+        # True: the policy is the reference until the first optimizer step of this epoch.
+        fresh = pl_module.begin_stage(index)
         start = time.perf_counter()
         specs = dm.sample_specs(epoch, stage.negatives)
-        candidates = None
+        candidates = beams = None
         if stage.negatives != "random":
             prompts = dm.prompt_texts(specs)
             exclude = dm.beam_exclusions(specs, stage.negatives)
-            candidates = self.generate(trainer, pl_module, prompts, exclude,
-                                       desc=f"self-play {stage.name} e{epoch}")
+            candidates, scores = self.generate(trainer, pl_module, prompts, exclude,
+                                               desc=f"self-play {stage.name} e{epoch}",
+                                               return_scores=True)
+            if fresh:
+                beams = (candidates, scores)
         gen_seconds = time.perf_counter() - start
         pairs = dm.build_pairs(specs, stage.negatives, candidates, epoch=epoch)
         pairs.ref_chosen, pairs.ref_rejected = self.reference(
-            trainer, pl_module, pairs, desc=f"reference {stage.name} e{epoch}")
+            trainer, pl_module, pairs, desc=f"reference {stage.name} e{epoch}", beams=beams)
         pairs.stats.update({"generation_seconds": round(gen_seconds, 2),
                             "seconds": round(time.perf_counter() - start, 2)})
         dm.set_pairs(pairs)
@@ -153,38 +162,65 @@ class SelfPlayCallback(Callback):
         return [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
 
     def generate(self, trainer, pl_module, prompts: list[str], exclude: list[list[int]],
-                 desc: str = "self-play") -> torch.Tensor:
-        """``LongTensor [P, W]`` beam candidates of the current policy (``-1`` pad)."""
+                 desc: str = "self-play", return_scores: bool = False):
+        """``LongTensor [P, W]`` beam candidates of the current policy (``-1`` pad); with
+        ``return_scores`` also their ``FloatTensor [P, W]`` summed log-probs (``-inf`` pad)."""
         batches = self._order(prompts)
 
         def run(c: int):
             idx = batches[c]
-            items, _ = pl_module.policy.recommend([prompts[i] for i in idx],
-                                                  [exclude[i] for i in idx], self.num_beams)
-            return items.cpu()
+            items, scores = pl_module.policy.recommend([prompts[i] for i in idx],
+                                                       [exclude[i] for i in idx], self.num_beams)
+            return items.cpu(), scores.float().cpu()
 
         parts = _distributed_map(trainer, len(batches), run, desc, self.progress_bar)
         out = torch.full((len(prompts), self.num_beams), -1, dtype=torch.long)
-        for idx, items in zip(batches, parts):
-            out[torch.as_tensor(idx, dtype=torch.long), :items.shape[1]] = items
-        return out
+        out_scores = torch.full((len(prompts), self.num_beams), float("-inf"))
+        for idx, (items, scores) in zip(batches, parts):
+            rows = torch.as_tensor(idx, dtype=torch.long)
+            out[rows, :items.shape[1]] = items
+            out_scores[rows, :scores.shape[1]] = scores
+        return (out, out_scores) if return_scores else out
 
-    def reference(self, trainer, pl_module, pairs, desc: str = "reference"
+    def reference(self, trainer, pl_module, pairs, desc: str = "reference",
+                  beams: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-probs ``[P]`` of the chosen and ``[P, N]`` of the rejected items."""
+        """Reference log-probs ``[P]`` of the chosen and ``[P, N]`` of the rejected items.
+
+        ``beams``: ``(candidates [S, W], scores [S, W])`` of the specs ``pairs`` were built
+        from, generated by the reference itself; items found there take their beam score and
+        only the rest is scored (``pairs.stats["reference_from_beams"]`` counts them).
+        """
         if len(pairs) == 0:
             return torch.zeros(0), torch.zeros(pairs.rejected.shape)
-        batches = self._order(pairs.prompts)
         items = torch.cat([pairs.chosen.unsqueeze(1), pairs.rejected], dim=1)   # [P, 1 + N]
         valid = items >= 0
-
-        def run(c: int):
-            idx = torch.as_tensor(batches[c], dtype=torch.long)
-            return pl_module.reference_logps([pairs.prompts[i] for i in batches[c]],
-                                             items[idx], valid[idx])
-
-        parts = _distributed_map(trainer, len(batches), run, desc, self.progress_bar)
         out = torch.zeros(items.shape, dtype=torch.float32)
-        for idx, scores in zip(batches, parts):
-            out[torch.as_tensor(idx, dtype=torch.long)] = scores
+        todo = valid
+        if beams is not None:
+            candidates, scores = (t[pairs.source_index] for t in beams)   # [P, W]
+            match = (items.unsqueeze(2) == candidates.unsqueeze(1)) & valid.unsqueeze(2)
+            found = match.any(dim=2)   # beam items are unique per prompt: one match at most
+            known = scores.unsqueeze(1).expand(match.shape).masked_fill(~match, 0.0).sum(2)
+            out = torch.where(found, known, out)
+            todo = valid & ~found
+            pairs.stats["reference_from_beams"] = int(found.sum())
+        # The items still to score, left-aligned per row (mostly the chosen item alone).
+        order = torch.sort((~todo).to(torch.int8), dim=1, stable=True).indices
+        width = max(1, int(todo.sum(1).max()))
+        order = order[:, :width]
+        todo_items, todo_valid = items.gather(1, order), todo.gather(1, order)
+        if bool(todo_valid.any()):
+            batches = self._order(pairs.prompts)
+
+            def run(c: int):
+                idx = torch.as_tensor(batches[c], dtype=torch.long)
+                return pl_module.reference_logps([pairs.prompts[i] for i in batches[c]],
+                                                 todo_items[idx], todo_valid[idx])
+
+            parts = _distributed_map(trainer, len(batches), run, desc, self.progress_bar)
+            scored = torch.zeros(todo_items.shape, dtype=torch.float32)
+            for idx, part in zip(batches, parts):
+                scored[torch.as_tensor(idx, dtype=torch.long)] = part
+            out = out.scatter(1, order, torch.where(todo_valid, scored, out.gather(1, order)))
         return out[:, 0], out[:, 1:]

@@ -77,6 +77,8 @@ class PreferencePairs:
         chosen: ``LongTensor [P]`` chosen item ids.
         rejected: ``LongTensor [P, N]`` rejected item ids, ``-1`` = padding (left-aligned).
         ref_chosen, ref_rejected: reference log-probs ``[P]`` / ``[P, N]`` (set by the module).
+        source_index: ``LongTensor [P]``, each pair's position among the specs handed to
+            :meth:`PreferenceDataModule.build_pairs` (specs without a negative are dropped).
         stats: counts for logging (prompts, pairs, negatives, bucket sizes).
     """
 
@@ -87,6 +89,7 @@ class PreferencePairs:
     rejected: torch.Tensor
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
+    source_index: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -329,7 +332,8 @@ class PreferenceDataModule(SFTDataModule):
                       "negatives_per_pair": float(mask.sum(dim=1).float().mean())
                       if len(specs) else 0.0})
         return PreferencePairs(kind=kind, specs=specs, prompts=self.prompt_texts(specs),
-                               chosen=chosen[keep], rejected=rejected, stats=stats)
+                               chosen=chosen[keep], rejected=rejected, stats=stats,
+                               source_index=torch.tensor(keep, dtype=torch.long))
 
     def _random_negatives(self, forbidden: list[set[int]], epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch, 7])

@@ -94,6 +94,30 @@ def test_regenerated_pairs_change_after_a_policy_update(run_dir):
     torch.testing.assert_close(after.ref_chosen, before.ref_chosen)
 
 
+@pytest.mark.parametrize("stage", ["sp_all", "sp_hard"])
+def test_reference_from_the_beams_equals_scoring_every_item(run_dir, stage):
+    """A freshly opened stage: the beams were searched by the reference itself, so rejected
+    items reuse their beam scores; they equal scoring every item again."""
+    dm = PreferenceDataModule(**data_kwargs(run_dir), num_negatives=8)
+    model = PreferenceAligner(run_dir=str(run_dir),
+                              stages=[PreferenceStage(stage, 1, 1e-2)]).prepare(dm)
+    selfplay = SelfPlayCallback(num_beams=16, batch_size=16, progress_bar=False)
+    pairs = selfplay.regenerate(None, model, 0, datamodule=dm)
+    assert len(pairs) > 0
+    negatives = int(pairs.rejected_mask.sum())
+    assert negatives > 0 and pairs.stats["reference_from_beams"] >= negatives
+    items = torch.cat([pairs.chosen.unsqueeze(1), pairs.rejected], dim=1)
+    full = model.reference_logps(pairs.prompts, items, items >= 0)
+    torch.testing.assert_close(pairs.ref_chosen, full[:, 0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pairs.ref_rejected, full[:, 1:], atol=1e-4, rtol=1e-4)
+    assert bool((pairs.ref_rejected[pairs.rejected_mask] < 0).all())
+    assert bool((pairs.ref_rejected[~pairs.rejected_mask] == 0).all())
+    # The same stage again (not fresh): every item is scored; the values agree.
+    again = selfplay.regenerate(None, model, 0, datamodule=dm)
+    assert "reference_from_beams" not in again.stats
+    torch.testing.assert_close(again.ref_rejected, pairs.ref_rejected, atol=1e-4, rtol=1e-4)
+
+
 def test_ddp_regeneration_equals_single_process(run_dir, tmp_path):
     """2 CPU processes (Lightning DDP, gloo): every rank holds the same pairs, and before
     training they equal the single-process pairs."""
