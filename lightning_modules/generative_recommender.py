@@ -17,6 +17,7 @@ attributes ``model``, ``tokenizer``, ``scid_map``, ``trie`` and ``prompts``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -605,16 +606,27 @@ class GenerativeRecommender(L.LightningModule):
         module = cls(backbone=backbone, lora=lora, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         scid_map = load_scid_map(hf_dir)
+        # The attention the sft stage computed with (HF would otherwise pick its default);
+        # flash-attention needs CUDA and its package, so elsewhere the model loads with sdpa.
+        impl = backbone.attn_implementation
+        if impl.startswith("flash_attention") and not (
+                torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+            log.info("%s: trained with %s, which this machine lacks; loading with sdpa",
+                     hf_dir, impl)
+            impl = "sdpa"
+        attn = {"attn_implementation": impl}
         if info["adapter"]:
             from peft import PeftModel
 
             base_path = hf_dir / "base" if info["base"] == "base" else info["base"]
-            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=backbone.torch_dtype)
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=backbone.torch_dtype,
+                                                        **attn)
             if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
                 base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             model = PeftModel.from_pretrained(base, hf_dir, is_trainable=trainable)
         else:
-            model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=backbone.torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=backbone.torch_dtype,
+                                                         **attn)
             model.requires_grad_(trainable)
         ids = tokenizer.convert_tokens_to_ids(cls._scid_vocab(scid_map))
         module._install(tokenizer, scid_map, ids, model=model)

@@ -1,6 +1,7 @@
 """The dpo stage on a tiny real slice: scoring, leak-free pairs, reference handling, a full run."""
 
 import dataclasses
+import importlib.util
 import json
 import logging
 
@@ -8,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from dpo_fixtures import MAX_USERS, data_kwargs, shared_sft_run
+from dpo_fixtures import MAX_USERS, data_kwargs, make_sft_run, shared_sft_run
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.selfplay import SelfPlayCallback
@@ -275,8 +276,6 @@ def test_short_run_through_the_cli(run_dir, tmp_path):
 def test_reference_swap_with_a_lora_policy(tmp_path):
     """peft policy: the reference is a snapshot of the adapters + trainable token rows; while
     swapped in, the policy scores exactly as at the stage start; the base stays shared."""
-    from dpo_fixtures import make_sft_run
-
     run = tmp_path / "lora"
     make_sft_run(run, train_batches=2, backbone={"finetuning": "lora"})
     dm, model = _connected(run)
@@ -361,3 +360,31 @@ def test_a_stage_without_pairs_is_skipped_and_recorded(run_dir, tmp_path, monkey
     record = model.export_artifacts()
     assert "skipped" in record["per_stage"]["sp_hard"]
     assert "skipped" not in record["per_stage"]["sp_easy"]
+
+
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_exported_model_reloads_with_its_attention_implementation(tmp_path, finetuning):
+    """The dpo stage, the Recommender and the server load sft/hf: they compute with the
+    attention implementation the sft stage was configured with, not the library default."""
+    from lightning_modules.components.decoding import attn_implementation
+    from lightning_modules.generative_recommender import GenerativeRecommender
+
+    hf = make_sft_run(tmp_path, train_batches=1,
+                      backbone={"attn_implementation": "eager", "finetuning": finetuning})
+    again = GenerativeRecommender.from_pretrained_dir(hf)
+    assert attn_implementation(again.model) == "eager"
+
+
+def test_a_flash_attention_model_loads_with_sdpa_where_flash_attention_is_missing(tmp_path):
+    """A model trained with flash-attention on a GPU still loads on a CPU (serving, tests)."""
+    from lightning_modules.components.decoding import attn_implementation
+    from lightning_modules.generative_recommender import SFT_INFO_FILE, GenerativeRecommender
+
+    hf = make_sft_run(tmp_path, train_batches=1)
+    info = json.loads((hf / SFT_INFO_FILE).read_text())
+    info["backbone"]["attn_implementation"] = "flash_attention_2"
+    (hf / SFT_INFO_FILE).write_text(json.dumps(info))
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+        pytest.skip("flash-attention is available here")
+    again = GenerativeRecommender.from_pretrained_dir(hf)
+    assert attn_implementation(again.model) == "sdpa"
