@@ -43,8 +43,7 @@ def bench_stage(name: str, args) -> dict:
     specs = dm.sample_specs(0, stage.negatives)
     start = time.perf_counter()
     candidates, scores = callback.generate(None, model, dm.prompt_texts(specs),
-                                           dm.beam_exclusions(specs, stage.negatives),
-                                           return_scores=True)
+                                           dm.beam_exclusions(specs, stage.negatives))
     generation = time.perf_counter() - start
     pairs = dm.build_pairs(specs, stage.negatives, candidates, epoch=0)
     seconds = {"every item": [], "from beams": []}

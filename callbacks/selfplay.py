@@ -139,8 +139,7 @@ class SelfPlayCallback(Callback):
             prompts = dm.prompt_texts(specs)
             exclude = dm.beam_exclusions(specs, stage.negatives)
             candidates, scores = self.generate(trainer, pl_module, prompts, exclude,
-                                               desc=f"self-play {stage.name} e{epoch}",
-                                               return_scores=True)
+                                               desc=f"self-play {stage.name} e{epoch}")
             if fresh:
                 beams = (candidates, scores)
         gen_seconds = time.perf_counter() - start
@@ -162,9 +161,9 @@ class SelfPlayCallback(Callback):
         return [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
 
     def generate(self, trainer, pl_module, prompts: list[str], exclude: list[list[int]],
-                 desc: str = "self-play", return_scores: bool = False):
-        """``LongTensor [P, W]`` beam candidates of the current policy (``-1`` pad); with
-        ``return_scores`` also their ``FloatTensor [P, W]`` summed log-probs (``-inf`` pad)."""
+                 desc: str = "self-play") -> tuple[torch.Tensor, torch.Tensor]:
+        """``LongTensor [P, W]`` beam candidates of the current policy (``-1`` pad) and their
+        ``FloatTensor [P, W]`` summed log-probs (``-inf`` pad)."""
         batches = self._order(prompts)
 
         def run(c: int):
@@ -180,7 +179,7 @@ class SelfPlayCallback(Callback):
             rows = torch.as_tensor(idx, dtype=torch.long)
             out[rows, :items.shape[1]] = items
             out_scores[rows, :scores.shape[1]] = scores
-        return (out, out_scores) if return_scores else out
+        return out, out_scores
 
     def reference(self, trainer, pl_module, pairs, desc: str = "reference",
                   beams: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -201,7 +200,7 @@ class SelfPlayCallback(Callback):
             candidates, scores = (t[pairs.source_index] for t in beams)   # [P, W]
             match = (items.unsqueeze(2) == candidates.unsqueeze(1)) & valid.unsqueeze(2)
             found = match.any(dim=2)   # beam items are unique per prompt: one match at most
-            known = scores.unsqueeze(1).expand(match.shape).masked_fill(~match, 0.0).sum(2)
+            known = torch.where(match, scores.unsqueeze(1), 0.0).sum(2)
             out = torch.where(found, known, out)
             todo = valid & ~found
             pairs.stats["reference_from_beams"] = int(found.sum())

@@ -17,7 +17,6 @@ attributes ``model``, ``tokenizer``, ``scid_map``, ``trie`` and ``prompts``.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from lightning_modules.components.backbone import (
     build_model,
     build_tokenizer,
     count_parameters,
+    loadable_attn_implementation,
 )
 from lightning_modules.components.decoding import ItemTrie, constrained_beam_search
 from lightning_modules.components.lm_loss import causal_lm_loss
@@ -606,15 +606,8 @@ class GenerativeRecommender(L.LightningModule):
         module = cls(backbone=backbone, lora=lora, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         scid_map = load_scid_map(hf_dir)
-        # The attention the sft stage computed with (HF would otherwise pick its default);
-        # flash-attention needs CUDA and its package, so elsewhere the model loads with sdpa.
-        impl = backbone.attn_implementation
-        if impl.startswith("flash_attention") and not (
-                torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
-            log.info("%s: trained with %s, which this machine lacks; loading with sdpa",
-                     hf_dir, impl)
-            impl = "sdpa"
-        attn = {"attn_implementation": impl}
+        # The attention the sft stage computed with (HF would otherwise pick its default).
+        attn = {"attn_implementation": loadable_attn_implementation(backbone.attn_implementation)}
         if info["adapter"]:
             from peft import PeftModel
 

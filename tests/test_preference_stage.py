@@ -97,8 +97,8 @@ def test_pairs_follow_the_training_split(run_dir, never_engaged):
             if source == "adversarial":
                 cands = _adversarial_candidates(dm, specs)
             else:
-                cands = cb.generate(None, model, dm.prompt_texts(specs),
-                                    dm.beam_exclusions(specs, kind))
+                cands, _ = cb.generate(None, model, dm.prompt_texts(specs),
+                                       dm.beam_exclusions(specs, kind))
             pairs = dm.build_pairs(specs, kind, None if kind == "random" else cands, epoch=3)
             for spec, (_, chosen, rejected) in zip(pairs.specs, pairs.as_records()):
                 r = spec.row

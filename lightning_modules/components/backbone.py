@@ -17,6 +17,7 @@ new token rows trainable through ``modules_to_save`` or peft's ``trainable_token
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -182,6 +183,16 @@ def add_hidden_dropout(model: PreTrainedModel, p: float) -> None:
                          f"{type(model).__name__}; set backbone.dropout: 0 for this model")
     for module in [model.get_input_embeddings(), *branches]:
         module.register_forward_hook(hook)
+
+
+def loadable_attn_implementation(name: str) -> str:
+    """``name``, or ``sdpa`` for flash-attention where CUDA or the ``flash_attn`` package is
+    missing (a model trained on a GPU still loads for serving or evaluation on a CPU)."""
+    if name.startswith("flash_attention") and not (
+            torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+        log.info("attention %s is not available here; the model loads with sdpa", name)
+        return "sdpa"
+    return name
 
 
 def build_model(cfg: BackboneConfig, tokenizer, new_token_ids: list[int] | None = None,
