@@ -966,6 +966,18 @@ def quiet_third_party_logs() -> None:
         logging.getLogger(name).addFilter(_DropMessages("litlogger", "LitLogger"))
 
 
+def end_distributed() -> None:
+    """Leave a finished multi-process run cleanly: wait for every rank, then close the process
+    group. A rank that exits while its peers still talk to it through gloo can abort at
+    interpreter shutdown ("terminate called without an active exception"), and Lightning's
+    launcher then kills the whole run. A no-op in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
@@ -982,7 +994,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     log.info("torch CPU threads: %d (ALIGN3GR_THREADS or OMP_NUM_THREADS to change)", threads)
     if argv and argv[0] == "pipeline":
-        return pipeline(argv[1:])
+        code = pipeline(argv[1:])
+        end_distributed()
+        return code
     if argv and argv[0] == "experiment":
         return experiment(argv[1:])
     if argv and argv[0] == "serve":
@@ -991,6 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(argv[1:])
     # From the command line LightningCLI reads sys.argv itself (passing it too makes it warn).
     Align3CLI(args=None if from_command_line else argv)
+    end_distributed()
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli import Align3CLI  # noqa: E402
+from cli import Align3CLI, end_distributed  # noqa: E402
 
 
 def main() -> None:
@@ -22,6 +22,7 @@ def main() -> None:
     if cli.trainer.is_global_zero:
         Path(out).write_text(json.dumps({"world_size": cli.trainer.world_size,
                                          "metrics": results[0]}))
+    end_distributed()
 
 
 if __name__ == "__main__":

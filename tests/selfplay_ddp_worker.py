@@ -21,6 +21,7 @@ from dpo_fixtures import data_kwargs  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from callbacks.selfplay import SelfPlayCallback  # noqa: E402
+from cli import end_distributed  # noqa: E402
 from datamodules.preference_data import PreferenceDataModule  # noqa: E402
 from lightning_modules.preference_aligner import PreferenceAligner, PreferenceStage  # noqa: E402
 
@@ -61,6 +62,7 @@ def main(run_dir: str, out: str, devices: int) -> None:
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[selfplay, _Dump(Path(out))])
     trainer.fit(model, datamodule=dm)
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -369,9 +369,12 @@ def _ddp_worker(run_dir: Path) -> None:
         result = {"ranks_equal": bool(torch.equal(gathered[0], gathered[1])),
                   "metrics": model.export_artifacts()}
         (run_dir / "ddp_result.json").write_text(json.dumps(result))
+    end_distributed()
 
 
 if __name__ == "__main__":
+    from cli import end_distributed
+
     _ddp_worker(Path(sys.argv[1]))
 
 
