@@ -458,17 +458,53 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
         resume, epoch = resume
         provenance = {**provenance, "resumed_from": epoch}
     start = time.perf_counter()
+    validates = _has_step(model, "validation_step") and trainer.limit_val_batches != 0
+    start_valid = start_ranks = None
+    if validates and getattr(model, "keep_start", False) and trainer.checkpoint_callback:
+        # The policy the stage starts from is a candidate too (before fit, the model holds it
+        # also when the fit below resumes from a checkpoint).
+        start_valid = _metrics_from(trainer.validate(model, datamodule=data), "val")
+        start_ranks = (getattr(model, "last_ranks", None) or {}).get("valid")
     trainer.fit(model, datamodule=data, ckpt_path=resume)
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     ckpt = ckpt or None
     valid = test = None
-    if _has_step(model, "validation_step") and trainer.limit_val_batches != 0:
+    if validates:
         valid = _metrics_from(trainer.validate(model, datamodule=data, ckpt_path=ckpt), "val")
-        ckpt = None  # weights of the best checkpoint are loaded now
+        if start_valid is not None:
+            valid = _select_start(trainer, model, start_valid, start_ranks, valid, ckpt)
+        ckpt = None  # weights of the best checkpoint (or the start) are loaded now
     if _has_step(model, "test_step") and trainer.limit_test_batches != 0:
         test = _metrics_from(trainer.test(model, datamodule=data, ckpt_path=ckpt), "test")
     return export_stage(trainer, model, time.perf_counter() - start, valid, test, timer,
                         provenance)
+
+
+def _select_start(trainer: L.Trainer, model: L.LightningModule, start_valid: dict,
+                  start_ranks, trained_valid: dict, ckpt: str | None) -> dict:
+    """Keep the starting policy when the trained one does not beat it on the full validation
+    set, by the metric the stage's checkpoint monitors (a tie keeps the start). Returns the
+    validation of the kept policy; records the choice in ``model.selection``."""
+    monitor = trainer.checkpoint_callback.monitor or "val/ndcg@10"
+    key = monitor.split("/", 1)[-1]
+    if key not in start_valid or key not in trained_valid:
+        raise ConfigError(f"keep_start: the validation has no {key!r} (the checkpoint's "
+                          f"monitor {monitor!r}); got {sorted(trained_valid)}")
+    maximize = getattr(trainer.checkpoint_callback, "mode", "max") == "max"
+    a, b = start_valid[key], trained_valid[key]
+    keep = a >= b if maximize else a <= b
+    model.selection = {"policy": "start" if keep else "trained", "metric": key,
+                       "start_valid": start_valid, "trained_valid": trained_valid}
+    log.info("%s: the %s policy is kept (valid %s: start %.4f, trained %.4f)",
+             _stage_name(model), "starting" if keep else "trained", key, a, b)
+    if not keep:
+        return trained_valid
+    model.restore_start()
+    if start_ranks is not None:
+        model.last_ranks["valid"] = start_ranks
+    if ckpt:  # the stage's checkpoint holds what it reports
+        trainer.save_checkpoint(ckpt)
+    return start_valid
 
 
 def _why_not_complete(marker: Path, fp: str) -> str | None:

@@ -221,6 +221,12 @@ class PreferenceAligner(L.LightningModule):
         sft_weight: weight of an extra negative log-likelihood term on the chosen item (per
             token), which keeps the chosen item's probability from sinking along with the
             rejected ones (as in RPO); 0 = the paper's pure preference loss.
+        keep_start: the policy the stage starts from is a candidate of model selection:
+            the pipeline (``cli.py pipeline``/``experiment``) validates it before training and,
+            when no preference epoch beats it on the full validation set (ties keep it),
+            tests and exports it instead (``selected`` in ``stage.json`` says which, with
+            both validations). Selection on validation only, like the checkpoint's choice
+            among epochs; off = the best preference epoch is always kept.
         num_beams, ks, exclude_history: evaluation protocol (as in the SFT stage).
     """
 
@@ -232,7 +238,8 @@ class PreferenceAligner(L.LightningModule):
                  stages: list[PreferenceStage] | None = None, loss: nn.Module | None = None,
                  weight_decay: float = 0.0, warmup_ratio: float = 0.05,
                  min_lr_ratio: float = 0.0, reset_optimizer: bool = True,
-                 disable_dropout: bool = True, sft_weight: float = 0.0, num_beams: int = 20,
+                 disable_dropout: bool = True, sft_weight: float = 0.0,
+                 keep_start: bool = False, num_beams: int = 20,
                  ks: list[int] | None = None, exclude_history: bool = True) -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
@@ -253,6 +260,8 @@ class PreferenceAligner(L.LightningModule):
         self.reset_optimizer = reset_optimizer
         self.disable_dropout = disable_dropout
         self.sft_weight = sft_weight
+        self.keep_start = keep_start
+        self.selection: dict | None = None  # set by cli.run_stage when keep_start
         self.num_beams = num_beams
         self.ks = ks
         self.exclude_history = exclude_history
@@ -364,6 +373,22 @@ class PreferenceAligner(L.LightningModule):
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.policy.model.named_parameters() if p.requires_grad}
+
+    def restore_start(self) -> None:
+        """Put the policy the stage started from back (its trainable tensors, read again from
+        :meth:`policy_dir`, copied in place: wrappers such as DDP keep their parameters)."""
+        from lightning_modules.generative_recommender import GenerativeRecommender
+
+        fresh = GenerativeRecommender.from_pretrained_dir(
+            self.policy_dir(), num_beams=self.num_beams, ks=self.ks,
+            exclude_history=self.exclude_history)
+        source = dict(fresh.model.named_parameters())
+        with torch.no_grad():
+            for name, p in self.trainable_parameters().items():
+                if name not in source or source[name].shape != p.shape:
+                    raise RuntimeError(f"{self.policy_dir()}: the starting policy has no "
+                                       f"parameter {name} of shape {tuple(p.shape)}")
+                p.copy_(source[name].to(device=p.device, dtype=p.dtype))
 
     def begin_stage(self, index: int) -> bool:
         """Open stage ``index``: the current policy becomes the frozen reference and the
@@ -644,6 +669,8 @@ class PreferenceAligner(L.LightningModule):
         for split in ("valid", "test"):
             if split in self.results:
                 record.setdefault("final", {})[split] = self.results[split]
+        if self.selection is not None:
+            record["selected"] = self.selection
         if self._fit_start is not None:
             record["fit_seconds"] = round(time.time() - self._fit_start, 1)
         atomic_write_json(out / "metrics.json", record)

@@ -266,11 +266,98 @@ def test_short_run_through_the_cli(run_dir, tmp_path):
     _check_ranks(run / "dpo", record, MAX_USERS)
     timing = record["timing"]["seconds"]     # self-play generation is timed apart from training
     assert timing["selfplay"] > 0 and timing["fit"] >= timing["train"] + timing["selfplay"]
-    # The exported policy loads like the SFT export and differs from the SFT weights.
+    # The shipped stage chose between its start and its best epoch on validation, and the
+    # exported policy (loadable like the SFT export) is the one it reports.
+    chosen = record["selected"]
+    assert chosen["metric"] == "ndcg@10" and chosen["policy"] in ("start", "trained")
+    assert record["valid"] == chosen[f"{chosen['policy']}_valid"]
+    start, trained = chosen["start_valid"]["ndcg@10"], chosen["trained_valid"]["ndcg@10"]
+    assert (chosen["policy"] == "start") == (start >= trained)
     dpo = GenerativeRecommender.from_pretrained_dir(run / "dpo" / "hf")
     sft = GenerativeRecommender.from_pretrained_dir(run / "sft" / "hf")
     sd_dpo, sd_sft = dpo.model.state_dict(), sft.model.state_dict()
-    assert any(not torch.equal(sd_dpo[k], sd_sft[k]) for k in sd_sft)
+    same = all(torch.equal(sd_dpo[k], sd_sft[k]) for k in sd_sft)
+    assert same == (chosen["policy"] == "start")
+    from lightning_modules.components.report import collect, render_report
+
+    report = render_report(collect(run, "ml-100k", ["dpo"]))
+    assert f"Kept: the **{chosen['policy']}** policy" in report
+
+
+def _dpo_run(run_dir, tmp_path, *flags):
+    import shutil
+    from pathlib import Path
+
+    from cli import run_stage
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "tokenizer", run / "tokenizer")
+    shutil.copytree(run_dir / "sft", run / "sft")
+    config = Path(__file__).resolve().parent.parent / "configs" / "ml100k" / "dpo.yaml"
+    record = run_stage("dpo", str(config), run, [
+        f"--data.init_args.max_users={MAX_USERS}", "--data.init_args.num_negatives=4",
+        "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=16",
+        "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--trainer.logger=false", *flags])
+    return run, record
+
+
+def test_a_preference_stage_that_validates_worse_gives_back_the_starting_policy(run_dir,
+                                                                                 tmp_path):
+    """A preference stage that does not validate above its start (a destructive learning
+    rate on the barely trained tiny policy; ties keep the start) gives the starting (sft)
+    policy back: exported, written over the best checkpoint, and reported."""
+    from lightning_modules.generative_recommender import GenerativeRecommender
+
+    run, record = _dpo_run(run_dir, tmp_path, "--model.init_args.stages=[{name: sp_easy, "
+                           "epochs: 1, lr: 0.5}]")
+    chosen = record["selected"]
+    assert chosen["policy"] == "start"
+    assert chosen["start_valid"]["ndcg@10"] >= chosen["trained_valid"]["ndcg@10"]
+    assert record["valid"] == chosen["start_valid"]
+    _check_ranks(run / "dpo", record, MAX_USERS)
+    dpo = GenerativeRecommender.from_pretrained_dir(run / "dpo" / "hf").model.state_dict()
+    sft = GenerativeRecommender.from_pretrained_dir(run / "sft" / "hf").model.state_dict()
+    assert all(torch.equal(dpo[k], sft[k]) for k in sft)
+    ckpt = torch.load(run / "dpo" / "checkpoints" / "best.ckpt", weights_only=False,
+                      map_location="cpu")["state_dict"]
+    for name, tensor in sft.items():
+        assert torch.equal(ckpt[f"policy.model.{name}"], tensor), name
+
+
+def test_without_keep_start_the_trained_policy_is_kept(run_dir, tmp_path):
+    from lightning_modules.generative_recommender import GenerativeRecommender
+
+    run, record = _dpo_run(run_dir, tmp_path, "--model.init_args.keep_start=false",
+                           "--model.init_args.stages=[{name: sp_easy, epochs: 1, lr: 0.5}]")
+    assert "selected" not in record
+    dpo = GenerativeRecommender.from_pretrained_dir(run / "dpo" / "hf").model.state_dict()
+    sft = GenerativeRecommender.from_pretrained_dir(run / "sft" / "hf").model.state_dict()
+    assert any(not torch.equal(dpo[k], sft[k]) for k in sft)
+
+
+@pytest.mark.parametrize("mode, start, trained, kept", [
+    ("max", 0.30, 0.20, "start"), ("max", 0.20, 0.30, "trained"), ("max", 0.25, 0.25, "start"),
+    ("min", 0.30, 0.20, "trained"), ("min", 0.20, 0.30, "start")])
+def test_select_start_compares_on_the_checkpoint_metric(mode, start, trained, kept):
+    from types import SimpleNamespace
+
+    from cli import ConfigError, _select_start
+
+    restored, saved = [], []
+    model = SimpleNamespace(stage_name="dpo", last_ranks={"valid": "trained ranks"},
+                            restore_start=lambda: restored.append(True))
+    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(monitor="val/ndcg@10",
+                                                                  mode=mode),
+                              save_checkpoint=saved.append)
+    out = _select_start(trainer, model, {"ndcg@10": start}, "start ranks",
+                        {"ndcg@10": trained}, "best.ckpt")
+    assert model.selection["policy"] == kept
+    assert out == {"ndcg@10": start if kept == "start" else trained}
+    assert bool(restored) == bool(saved) == (kept == "start")
+    assert model.last_ranks["valid"] == ("start ranks" if kept == "start" else "trained ranks")
+    with pytest.raises(ConfigError, match="ndcg@10"):
+        _select_start(trainer, model, {"recall@10": 0.1}, None, {"recall@10": 0.2}, None)
 
 
 def test_reference_swap_with_a_lora_policy(tmp_path):

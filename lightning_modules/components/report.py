@@ -13,7 +13,7 @@ from lightning_modules.components.artifacts import (
 )
 from lightning_modules.components.plots import write_plots
 
-SCHEMA_KEYS = ("valid", "test", "evaluated_users", "seconds", "per_stage")
+SCHEMA_KEYS = ("valid", "test", "evaluated_users", "seconds", "per_stage", "selected")
 TOKENIZER_KEYS = ("items", "users", "seconds")  # its validation numbers stay in stage.json
 DEFAULT_PROTOCOL = {"split": "leave-one-out", "max_history": 20, "exclude_history": True,
                     "num_beams": 20, "ks": [5, 10]}
@@ -100,6 +100,16 @@ def render_report(metrics: dict, plots: list[str] | None = None) -> str:
                 name = f"{name} ({rec['valid_users']} of {of} users)"
             lines.append(f"| {name} | " + " | ".join(
                 f"{valid[k]:.4f}" if k in valid else "—" for k in keys) + " |")
+        chosen = dpo.get("selected")
+        if chosen:
+            start, trained = chosen["start_valid"], chosen["trained_valid"]
+            lines.append("| starting policy (all users) | " + " | ".join(
+                f"{start[k]:.4f}" if k in start else "—" for k in keys) + " |")
+            metric = chosen["metric"]
+            lines += ["", f"Kept: the **{chosen['policy']}** policy (full validation "
+                      f"{metric}: starting {start.get(metric, float('nan')):.4f}, best "
+                      f"preference epoch {trained.get(metric, float('nan')):.4f}; a tie keeps "
+                      "the start). The dpo rows above are the kept policy's."]
     lines += ["", "## Wall time", "", "| stage | seconds |", "|---|---|"]
     for name, rec in stages.items():
         if "seconds" in rec:
