@@ -233,13 +233,13 @@ def _check_ranks(stage_dir, record, num_users):
     assert users["not_reached"] == 1 << 30
 
 
-def test_short_run_through_the_cli(run_dir, tmp_path):
-    """The shipped YAML, shrunk by flags, through the pipeline's stage runner."""
+def _dpo_run(run_dir, tmp_path, *flags):
+    """The shipped dpo YAML, shrunk by flags (plus ``flags``), through the pipeline's stage
+    runner on a copy of the tiny sft run; returns the run folder and the stage record."""
     import shutil
     from pathlib import Path
 
     from cli import run_stage
-    from lightning_modules.generative_recommender import GenerativeRecommender
 
     run = tmp_path / "run"
     shutil.copytree(run_dir / "tokenizer", run / "tokenizer")
@@ -249,7 +249,15 @@ def test_short_run_through_the_cli(run_dir, tmp_path):
         f"--data.init_args.max_users={MAX_USERS}", "--data.init_args.num_negatives=4",
         "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=16",
         "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false"])
+        "--trainer.enable_model_summary=false", *flags])
+    return run, record
+
+
+def test_short_run_through_the_cli(run_dir, tmp_path):
+    """The shipped YAML, shrunk by flags, through the pipeline's stage runner."""
+    from lightning_modules.generative_recommender import GenerativeRecommender
+
+    run, record = _dpo_run(run_dir, tmp_path)
     names = ["sp_easy", "sp_medium", "sp_hard", "rf_dislike", "rf_neutral"]
     assert list(record["per_stage"]) == names
     for name in names:
@@ -284,24 +292,6 @@ def test_short_run_through_the_cli(run_dir, tmp_path):
     assert f"Kept: the **{chosen['policy']}** policy" in report
 
 
-def _dpo_run(run_dir, tmp_path, *flags):
-    import shutil
-    from pathlib import Path
-
-    from cli import run_stage
-
-    run = tmp_path / "run"
-    shutil.copytree(run_dir / "tokenizer", run / "tokenizer")
-    shutil.copytree(run_dir / "sft", run / "sft")
-    config = Path(__file__).resolve().parent.parent / "configs" / "ml100k" / "dpo.yaml"
-    record = run_stage("dpo", str(config), run, [
-        f"--data.init_args.max_users={MAX_USERS}", "--data.init_args.num_negatives=4",
-        "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=16",
-        "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--trainer.logger=false", *flags])
-    return run, record
-
-
 def test_a_preference_stage_that_validates_worse_gives_back_the_starting_policy(run_dir,
                                                                                  tmp_path):
     """A preference stage that does not validate above its start (a destructive learning
@@ -309,7 +299,8 @@ def test_a_preference_stage_that_validates_worse_gives_back_the_starting_policy(
     policy back: exported, written over the best checkpoint, and reported."""
     from lightning_modules.generative_recommender import GenerativeRecommender
 
-    run, record = _dpo_run(run_dir, tmp_path, "--model.init_args.stages=[{name: sp_easy, "
+    run, record = _dpo_run(run_dir, tmp_path, "--trainer.logger=false",
+                           "--model.init_args.stages=[{name: sp_easy, "
                            "epochs: 1, lr: 0.5}]")
     chosen = record["selected"]
     assert chosen["policy"] == "start"
@@ -328,7 +319,8 @@ def test_a_preference_stage_that_validates_worse_gives_back_the_starting_policy(
 def test_without_keep_start_the_trained_policy_is_kept(run_dir, tmp_path):
     from lightning_modules.generative_recommender import GenerativeRecommender
 
-    run, record = _dpo_run(run_dir, tmp_path, "--model.init_args.keep_start=false",
+    run, record = _dpo_run(run_dir, tmp_path, "--trainer.logger=false",
+                           "--model.init_args.keep_start=false",
                            "--model.init_args.stages=[{name: sp_easy, epochs: 1, lr: 0.5}]")
     assert "selected" not in record
     dpo = GenerativeRecommender.from_pretrained_dir(run / "dpo" / "hf").model.state_dict()
