@@ -293,14 +293,7 @@ class PreferenceAligner(L.LightningModule):
     def configure_model(self) -> None:
         """Load the SFT policy (idempotent) and connect it to the DataModule's prompts."""
         if self.policy is None:
-            from lightning_modules.generative_recommender import GenerativeRecommender
-
-            path = self.policy_dir()
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: no SFT policy; run the 'sft' stage first "
-                                        "(python cli.py pipeline ... --stages sft)")
-            self.policy = GenerativeRecommender.from_pretrained_dir(
-                path, num_beams=self.num_beams, ks=self.ks, exclude_history=self.exclude_history)
+            self.policy = self._load_start()
             if self.disable_dropout:
                 _disable_dropout(self.policy.model)
             # from_pretrained returns eval mode, and Lightning keeps module modes as found.
@@ -374,15 +367,21 @@ class PreferenceAligner(L.LightningModule):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.policy.model.named_parameters() if p.requires_grad}
 
+    def _load_start(self):
+        """The policy the stage starts from, loaded from :meth:`policy_dir`."""
+        from lightning_modules.generative_recommender import GenerativeRecommender
+
+        path = self.policy_dir()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no SFT policy; run the 'sft' stage first "
+                                    "(python cli.py pipeline ... --stages sft)")
+        return GenerativeRecommender.from_pretrained_dir(
+            path, num_beams=self.num_beams, ks=self.ks, exclude_history=self.exclude_history)
+
     def restore_start(self) -> None:
         """Put the policy the stage started from back (its trainable tensors, read again from
         :meth:`policy_dir`, copied in place: wrappers such as DDP keep their parameters)."""
-        from lightning_modules.generative_recommender import GenerativeRecommender
-
-        fresh = GenerativeRecommender.from_pretrained_dir(
-            self.policy_dir(), num_beams=self.num_beams, ks=self.ks,
-            exclude_history=self.exclude_history)
-        source = dict(fresh.model.named_parameters())
+        source = dict(self._load_start().model.named_parameters())
         with torch.no_grad():
             for name, p in self.trainable_parameters().items():
                 if name not in source or source[name].shape != p.shape:

@@ -107,9 +107,9 @@ def render_report(metrics: dict, plots: list[str] | None = None) -> str:
                 f"{start[k]:.4f}" if k in start else "—" for k in keys) + " |")
             metric = chosen["metric"]
             lines += ["", f"Kept: the **{chosen['policy']}** policy (full validation "
-                      f"{metric}: starting {start.get(metric, float('nan')):.4f}, best "
-                      f"preference epoch {trained.get(metric, float('nan')):.4f}; a tie keeps "
-                      "the start). The dpo rows above are the kept policy's."]
+                      f"{metric}: starting {start[metric]:.4f}, best preference epoch "
+                      f"{trained[metric]:.4f}; a tie keeps the start). The dpo rows above are "
+                      "the kept policy's."]
     lines += ["", "## Wall time", "", "| stage | seconds |", "|---|---|"]
     for name, rec in stages.items():
         if "seconds" in rec:
