@@ -248,7 +248,8 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
         record.update(provenance)
     record.setdefault("commit", _commit_once())  # the code that made it (not in the fingerprint)
     folder = stage_dir(run_dir, _stage_name(model))
-    (folder / "checkpoints" / "last.ckpt").unlink(missing_ok=True)  # resume state, done with
+    for leftover in ("last.ckpt", "last.ckpt.partial"):  # resume state, done with
+        (folder / "checkpoints" / leftover).unlink(missing_ok=True)
     mark_stage_complete(run_dir, _stage_name(model), record)
     (folder / RESUME_MARKER).unlink(missing_ok=True)
     return record

@@ -8,6 +8,7 @@ the same shuffles and dropout masks as an uninterrupted one.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -44,9 +45,35 @@ class RNGState(Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """Writes only ``<dirpath>/last.ckpt``, at the end of every training epoch.
+
+    ``ModelCheckpoint(save_top_k=0, save_last=True)`` alone no longer does that: since
+    Lightning 2.6 it writes ``last`` at an epoch's end only when a top-k checkpoint was saved at
+    the same step, so without top-k it wrote ``last.ckpt`` once, when training ended, and a
+    killed stage started over. The write goes to a temporary file first: a kill during it
+    leaves the previous ``last.ckpt`` whole. Being a ``ModelCheckpoint``, it runs after the
+    LightningModule's own ``on_train_epoch_end`` (the state the next epoch starts from).
+    """
+
+    CHECKPOINT_NAME_LAST = LAST
+
+    def __init__(self, dirpath: str | Path):
+        super().__init__(dirpath=str(dirpath), save_top_k=0, save_last=True, every_n_epochs=1,
+                         save_on_train_epoch_end=True)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        self._last_checkpoint_saved = filepath
+
+
 def last_checkpoint(dirpath: str | Path) -> ModelCheckpoint:
-    """A checkpoint callback that only writes ``<dirpath>/last.ckpt``, after every epoch."""
-    cb = ModelCheckpoint(dirpath=str(dirpath), save_top_k=0, save_last=True,
-                         every_n_epochs=1, save_on_train_epoch_end=True)
-    cb.CHECKPOINT_NAME_LAST = LAST
-    return cb
+    """The callback that writes ``<dirpath>/last.ckpt`` after every training epoch."""
+    return LastCheckpoint(dirpath)
