@@ -169,6 +169,11 @@ class DualTokenizer(L.LightningModule):
             raise TypeError("DualTokenizer needs a datamodule with tokenizer_inputs() "
                             "(datamodules.tokenizer_data.TokenizerDataModule)")
         self.attach_data(**datamodule.tokenizer_inputs())
+        # Phase 1 trains the fusion and leaves the quantizers without gradients, which plain
+        # DDP (`--trainer.strategy ddp`) refuses; the strategy wraps the model after setup().
+        ddp_kwargs = getattr(getattr(self.trainer, "strategy", None), "_ddp_kwargs", None)
+        if isinstance(ddp_kwargs, dict) and "find_unused_parameters" not in ddp_kwargs:
+            ddp_kwargs["find_unused_parameters"] = True
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -360,8 +360,9 @@ def _ddp_worker(run_dir: Path) -> None:
                         warmup_steps=4, dead_code_steps=3)
     model = DualTokenizer(quantizer=quantizer, fused_dim=32, fusion_hidden=[64],
                           run_dir=str(run_dir))
-    # Phase 1 leaves the quantizers out of the loss, hence find_unused_parameters.
-    tr = trainer(strategy="ddp_find_unused_parameters_true", devices=2, max_epochs=6)
+    # Plain "ddp", as `--trainer.strategy ddp` gives it: phase 1 leaves the quantizers out of
+    # the loss, and the model itself turns on DDP's find_unused_parameters.
+    tr = trainer(strategy="ddp", devices=2, max_epochs=6)
     tr.fit(model, datamodule=data(run_dir))
     books = torch.cat([q.codebooks.codebooks[0].data for q in model.quantizers.values()])
     gathered = tr.strategy.all_gather(books)
