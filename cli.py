@@ -32,7 +32,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from callbacks.progress import PlainProgress
-from callbacks.resume import RNGState, last_checkpoint
+from callbacks.resume import LAST_FILE, PARTIAL_FILE, RNGState, last_checkpoint
 from callbacks.selfplay import SelfPlayCallback
 from callbacks.timing import StageTimer
 from lightning_modules.components.artifacts import (
@@ -248,7 +248,7 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
         record.update(provenance)
     record.setdefault("commit", _commit_once())  # the code that made it (not in the fingerprint)
     folder = stage_dir(run_dir, _stage_name(model))
-    for leftover in ("last.ckpt", "last.ckpt.partial"):  # resume state, done with
+    for leftover in (LAST_FILE, PARTIAL_FILE):  # resume state, done with
         (folder / "checkpoints" / leftover).unlink(missing_ok=True)
     mark_stage_complete(run_dir, _stage_name(model), record)
     (folder / RESUME_MARKER).unlink(missing_ok=True)
@@ -412,7 +412,7 @@ def _prepare_resume(folder: Path, fp: str | None, resumable: bool,
     import torch
 
     ckdir, marker = folder / "checkpoints", folder / RESUME_MARKER
-    last = ckdir / "last.ckpt"
+    last = ckdir / LAST_FILE
     if resumable and marker.exists() and last.exists():
         try:
             same = json.loads(marker.read_text()).get("stage_fingerprint") == fp

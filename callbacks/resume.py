@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 LAST = "last"  # checkpoints/last.ckpt
+LAST_FILE = f"{LAST}.ckpt"
+PARTIAL_FILE = f"{LAST_FILE}.partial"  # a write in progress (renamed to LAST_FILE when whole)
 
 
 class RNGState(Callback):
@@ -67,11 +69,10 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        partial = f"{filepath}.partial"
+        partial = str(Path(filepath).with_name(PARTIAL_FILE))
         super()._save_checkpoint(trainer, partial)  # every rank takes part; rank 0 writes
         if trainer.is_global_zero:
             os.replace(partial, filepath)
-        self._last_checkpoint_saved = filepath
 
 
 def last_checkpoint(dirpath: str | Path) -> ModelCheckpoint:
