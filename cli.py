@@ -458,7 +458,7 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
     if resume:
         resume, epoch = resume
         provenance = {**provenance, "resumed_from": epoch}
-    start = time.perf_counter()
+    timer.begin_stage()
     validates = _has_step(model, "validation_step") and trainer.limit_val_batches != 0
     start_valid = start_ranks = None
     if validates and getattr(model, "keep_start", False) and trainer.checkpoint_callback:
@@ -477,8 +477,10 @@ def run_stage(name: str, config: str, run_dir: Path, extra: list[str],
         ckpt = None  # weights of the best checkpoint (or the start) are loaded now
     if _has_step(model, "test_step") and trainer.limit_test_batches != 0:
         test = _metrics_from(trainer.test(model, datamodule=data, ckpt_path=ckpt), "test")
-    return export_stage(trainer, model, time.perf_counter() - start, valid, test, timer,
-                        provenance)
+    if timer.seconds_before_resume:
+        before = round(timer.seconds_before_resume, 2)
+        provenance = {**(provenance or {}), "seconds_before_resume": before}
+    return export_stage(trainer, model, timer.stage_seconds(), valid, test, timer, provenance)
 
 
 def _select_start(trainer: L.Trainer, model: L.LightningModule, start_valid: dict,

@@ -87,6 +87,7 @@ class SelfPlayCallback(Callback):
         self.history: list[dict] = []  # per regeneration: epoch, stage, stats, seconds
         self._pairs_epoch: int | None = None  # the epoch the current pairs are for
         self._resume_epoch: int | None = None  # from a checkpoint: regenerate this epoch's
+        self._fit_restore = False  # the checkpoint being loaded resumes a fit
 
     # -- hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -107,7 +108,15 @@ class SelfPlayCallback(Callback):
     def state_dict(self) -> dict:
         return {"pairs_epoch": self._pairs_epoch, "history": list(self.history)}
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint) -> None:
+        # Lightning restores callback states also when validate/test load a checkpoint (the
+        # best one, after fit), which would cut the history back to that epoch.
+        self._fit_restore = getattr(trainer.state.fn, "value", str(trainer.state.fn)) == "fit"
+
     def load_state_dict(self, state: dict) -> None:
+        if not getattr(self, "_fit_restore", False):
+            return
+        self._fit_restore = False
         self.history = list(state.get("history", []))
         self._resume_epoch = state.get("pairs_epoch")
 

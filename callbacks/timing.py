@@ -64,6 +64,55 @@ class StageTimer(Callback):
         self._start: dict[str, float] = {}
         self._batch_start: float | None = None
         self.train_step_seconds = 0.0
+        self._stage_start: float | None = None
+        self.seconds_before_resume = 0.0  # earlier attempts of a resumed stage (see state_dict)
+        self._fit_restore = False
+
+    # -- the stage's clock across a kill ----------------------------------------------------------
+    def begin_stage(self) -> None:
+        """Start the stage's clock (the caller's; :meth:`stage_seconds` reads it)."""
+        self._stage_start = time.perf_counter()
+
+    def stage_seconds(self) -> float:
+        """Seconds of this stage so far: this process's since :meth:`begin_stage`, plus those
+        that earlier, killed attempts spent up to the checkpoint this one resumed from."""
+        now = time.perf_counter()
+        return self.seconds_before_resume + (now - self._stage_start
+                                             if self._stage_start is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        # Saved into every checkpoint: a resumed fit continues these totals, so a killed and
+        # resumed stage reports the epochs, rows and seconds of the whole computation (the
+        # work a killed attempt did after its last checkpoint is done again and counted once).
+        seconds = dict(self.seconds)
+        for key, start in self._start.items():  # phases still open (fit) count up to now
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+        return {"stage_seconds": self.stage_seconds(), "seconds": seconds,
+                "train_rows": self.train_rows, "train_tokens": self.train_tokens,
+                "has_tokens": self.has_tokens, "epochs": self.epochs,
+                "eval_users": dict(self.eval_users),
+                "train_step_seconds": self.train_step_seconds}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # Lightning restores callback states also when validate/test load a checkpoint (the
+        # best one, after fit); only a fit that resumes continues the totals.
+        self._fit_restore = getattr(trainer.state.fn, "value", str(trainer.state.fn)) == "fit"
+
+    def load_state_dict(self, state: dict) -> None:
+        if not (self._fit_restore and state):
+            return
+        self._fit_restore = False
+        # Added to what this process measured before the fit (a pre-fit validation).
+        self.seconds_before_resume += float(state.get("stage_seconds", 0.0))
+        for key, value in (state.get("seconds") or {}).items():
+            self.seconds[key] = self.seconds.get(key, 0.0) + float(value)
+        for key, value in (state.get("eval_users") or {}).items():
+            self.eval_users[key] = self.eval_users.get(key, 0) + int(value)
+        self.train_rows += int(state.get("train_rows", 0))
+        self.train_tokens += int(state.get("train_tokens", 0))
+        self.has_tokens = self.has_tokens or bool(state.get("has_tokens"))
+        self.epochs += int(state.get("epochs", 0))
+        self.train_step_seconds += float(state.get("train_step_seconds", 0.0))
 
     def _begin(self, key: str) -> None:
         self._start[key] = time.perf_counter()

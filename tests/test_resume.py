@@ -76,6 +76,15 @@ def test_killed_pipeline_resumes_to_the_uninterrupted_result(reference, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_resumed(proc.stderr, resumes)
     assert results(killed) == results(reference)
+    # A resumed stage reports the whole computation: the epochs and rows of every attempt
+    # (up to the checkpoint it continued from) and the seconds they took.
+    for stage in ("sasrec", "dpo"):  # killed at last.ckpt, resumed (sft restarted later)
+        mine = json.loads((killed / stage / "stage.json").read_text())
+        ref = json.loads((reference / stage / "stage.json").read_text())
+        for key in ("epochs", "train_rows"):
+            assert mine["timing"][key] == ref["timing"][key], (stage, key)
+        assert 0 < mine["seconds_before_resume"] < mine["seconds"], stage
+        assert "seconds_before_resume" not in ref
     # Nothing stale: no resume state, no second best checkpoint, every stage complete.
     for stage in STAGES:
         folder = killed / stage
