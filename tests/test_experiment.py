@@ -62,8 +62,12 @@ def test_paired_bootstrap_by_hand():
 def test_slice_experiment_two_rows_two_seeds(tmp_path):
     out = tmp_path / "exp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The shipped YAML as a ladder (steps: every row also against the row above it).
+    spec = tmp_path / "sasrec_width_steps.yaml"
+    spec.write_text((ROOT / "configs/experiments/sasrec_width.yaml").read_text()
+                    + "steps: true\n")
     args = [sys.executable, "cli.py", "experiment", "--config",
-            "configs/experiments/sasrec_width.yaml", "--out", str(out), "--seeds", "2",
+            str(spec), "--out", str(out), "--seeds", "2",
             "--data.init_args.max_users=60", "--trainer.max_epochs=1",
             "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -95,6 +99,12 @@ def test_slice_experiment_two_rows_two_seeds(tmp_path):
     assert valid["ndcg@10"]["mean_diff"] == pytest.approx(vmeans[0] - vmeans[1], abs=1e-6)
     assert valid["ndcg@10"]["mean_diff"] != comp["ndcg@10"]["mean_diff"]
     assert "## valid: difference against sasrec_64" in (out / "results.md").read_text()
+    # The ladder's steps on both splits (the row above sasrec_32 is the reference here).
+    for key, ref in (("paired_vs_previous", comp), ("paired_vs_previous_valid", valid)):
+        step = res[key]["sasrec_32"]
+        assert step["against"] == "sasrec_64"
+        assert step["ndcg@10"]["mean_diff"] == pytest.approx(ref["ndcg@10"]["mean_diff"])
+    assert "## valid: difference against the row above" in (out / "results.md").read_text()
     assert "| sasrec_32 | sasrec (slice: first 60 users) |" in (out / "results.md").read_text()
     assert res["rows"]["sasrec_32"]["evaluated_users"]["slice"] == 60
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -85,15 +85,17 @@ def collect_results(out: Path, spec: dict, rows: list[dict], seeds: list[int],
                 "skipped": {r["name"]: str(r["skip"]) for r in rows if r.get("skip")},
                 "compute_seconds": _compute_seconds(out, rows, seeds)}
     if spec.get("steps"):
-        # A ladder: every row also against the row above it.
-        test = ranks["test"]
-        done = [r["name"] for r in rows if r["name"] in test]
-        steps = {}
-        for above, name in zip(done, done[1:]):
-            got = _paired(test[name], test[above], table[name], name, above, resamples)
-            if got is not None:
-                steps[name] = {"against": above, **got}
-        out_dict["paired_vs_previous"] = steps
+        # A ladder: every row also against the row above it, on test and (what a choice
+        # between two adjacent rows may use) on validation.
+        for split, key in (("test", "paired_vs_previous"), ("valid", "paired_vs_previous_valid")):
+            by_row = ranks[split]
+            done = [r["name"] for r in rows if r["name"] in by_row]
+            steps = {}
+            for above, name in zip(done, done[1:]):
+                got = _paired(by_row[name], by_row[above], table[name], name, above, resamples)
+                if got is not None:
+                    steps[name] = {"against": above, **got}
+            out_dict[key] = steps
     return out_dict
 
 
@@ -186,6 +188,9 @@ def render_markdown(results: dict) -> str:
     lines += _diff_table(results.get("paired_vs_reference_valid") or {}, metrics,
                          f"valid: difference against {results['reference']} (what a choice "
                          "between rows may use)")
+    if results.get("paired_vs_previous_valid"):
+        lines += _diff_table(results["paired_vs_previous_valid"], metrics,
+                             "valid: difference against the row above", against=True)
     if results.get("skipped"):
         lines += ["Rows not run: " + "; ".join(f"{k} ({v})" for k, v in
                                                 results["skipped"].items()), ""]
