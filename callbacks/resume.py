@@ -21,6 +21,26 @@ LAST_FILE = f"{LAST}.ckpt"
 PARTIAL_FILE = f"{LAST_FILE}.partial"  # a write in progress (renamed to LAST_FILE when whole)
 
 
+class FitResumeState(Callback):
+    """A callback whose state only a resumed fit restores.
+
+    Lightning restores callback states whenever a checkpoint is loaded, also when
+    ``validate``/``test`` load the best one after fit, which would roll totals such as a
+    stage's timing or self-play history back to that epoch. Subclasses call
+    :meth:`_resuming_fit` first in ``load_state_dict`` and return when it is false.
+    """
+
+    _fit_restore = False
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._fit_restore = getattr(trainer.state.fn, "value", str(trainer.state.fn)) == "fit"
+
+    def _resuming_fit(self) -> bool:
+        """Whether the state being loaded resumes a fit (answers once per load)."""
+        resuming, self._fit_restore = self._fit_restore, False
+        return resuming
+
+
 class RNGState(Callback):
     """Random states in the checkpoint (saved with it, restored before training resumes)."""
 

@@ -36,8 +36,9 @@ from collections.abc import Callable
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
+
+from callbacks.resume import FitResumeState
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _distributed_map(trainer: L.Trainer | None, num_chunks: int, fn: Callable[[i
     return [r for _, r in results]
 
 
-class SelfPlayCallback(Callback):
+class SelfPlayCallback(FitResumeState):
     """Regenerates the preference pairs of every epoch (see the module docstring).
 
     Args:
@@ -87,7 +88,6 @@ class SelfPlayCallback(Callback):
         self.history: list[dict] = []  # per regeneration: epoch, stage, stats, seconds
         self._pairs_epoch: int | None = None  # the epoch the current pairs are for
         self._resume_epoch: int | None = None  # from a checkpoint: regenerate this epoch's
-        self._fit_restore = False  # the checkpoint being loaded resumes a fit
 
     # -- hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -108,15 +108,9 @@ class SelfPlayCallback(Callback):
     def state_dict(self) -> dict:
         return {"pairs_epoch": self._pairs_epoch, "history": list(self.history)}
 
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint) -> None:
-        # Lightning restores callback states also when validate/test load a checkpoint (the
-        # best one, after fit), which would cut the history back to that epoch.
-        self._fit_restore = getattr(trainer.state.fn, "value", str(trainer.state.fn)) == "fit"
-
     def load_state_dict(self, state: dict) -> None:
-        if not getattr(self, "_fit_restore", False):
+        if not self._resuming_fit():  # not the best checkpoint of validate/test
             return
-        self._fit_restore = False
         self.history = list(state.get("history", []))
         self._resume_epoch = state.get("pairs_epoch")
 

@@ -16,7 +16,8 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+
+from callbacks.resume import FitResumeState
 
 
 def _batch_rows(batch) -> int:
@@ -44,7 +45,7 @@ def _batch_tokens(batch) -> int | None:
     return None
 
 
-class StageTimer(Callback):
+class StageTimer(FitResumeState):
     """Wall-clock seconds per phase of a stage and its training/decoding throughput.
 
     Phases: ``fit`` (all of ``Trainer.fit``), inside it ``fit_validation`` (validation loops),
@@ -66,7 +67,6 @@ class StageTimer(Callback):
         self.train_step_seconds = 0.0
         self._stage_start: float | None = None
         self.seconds_before_resume = 0.0  # earlier attempts of a resumed stage (see state_dict)
-        self._fit_restore = False
 
     # -- the stage's clock across a kill ----------------------------------------------------------
     def begin_stage(self) -> None:
@@ -93,15 +93,9 @@ class StageTimer(Callback):
                 "eval_users": dict(self.eval_users),
                 "train_step_seconds": self.train_step_seconds}
 
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        # Lightning restores callback states also when validate/test load a checkpoint (the
-        # best one, after fit); only a fit that resumes continues the totals.
-        self._fit_restore = getattr(trainer.state.fn, "value", str(trainer.state.fn)) == "fit"
-
     def load_state_dict(self, state: dict) -> None:
-        if not (self._fit_restore and state):
+        if not (self._resuming_fit() and state):  # not the best checkpoint of validate/test
             return
-        self._fit_restore = False
         # Added to what this process measured before the fit (a pre-fit validation).
         self.seconds_before_resume += float(state.get("stage_seconds", 0.0))
         for key, value in (state.get("seconds") or {}).items():
