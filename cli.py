@@ -334,6 +334,10 @@ def _relative_to_run(value, run_dir: str):
     return value
 
 
+# model.init_args options whose value here leaves the computation as it was before the option.
+NEUTRAL_OPTIONS = {"train_precision": "32"}
+
+
 def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str]) -> dict:
     """The stage's fully resolved LightningCLI config (every default, every override), with
     paths inside ``run_dir`` made relative to it and the config-file list dropped: two stages
@@ -347,6 +351,12 @@ def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str
     resolved.pop("config", None)
     if resolved.get("patience") is None:  # unset: the config's callbacks stand (and
         resolved.pop("patience", None)    # fingerprints stay those of earlier versions)
+    # Options added later, at the value that computes what the code did before them: dropped,
+    # so that stages made before the option existed keep their fingerprints.
+    init_args = (resolved.get("model") or {}).get("init_args") or {}
+    for option, neutral in NEUTRAL_OPTIONS.items():
+        if option in init_args and str(init_args[option]) == neutral:
+            init_args.pop(option)
     return _relative_to_run(resolved, str(run_dir))
 
 

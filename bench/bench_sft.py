@@ -8,6 +8,7 @@ Prints a table.
         --dataset Beauty --source lcrec_json --data-dir ../shared/data/Beauty   # Amazon Beauty
     python bench/bench_sft.py --scid-dir runs/ml100k/tokenizer   # codes of a real tokenizer run
     python bench/bench_sft.py --write-cooc-scid runs/dev/tokenizer   # write a stand-in map, exit
+    python bench/bench_sft.py --modes sequence --pack off --precision 32 bf16   # train_precision
 
 Without ``--scid-dir`` a random SCID map (3 levels x 32 codes, users too) stands in: speed
 depends on the number of code levels and the vocabulary, not on what the codes mean.
@@ -19,6 +20,10 @@ were measured with while the tokenizer stage was being written.
 task weights of ``configs/ml100k/sft.yaml`` (a dataset without item text or user profiles keeps
 only the tasks it can build). ``ms/row`` is the training cost of one row: when it stays flat
 as the batch grows, a step is compute-bound and larger batches buy no speed.
+``--precision 32 bf16`` times the training step in float32 and under the stage's
+``train_precision: bf16`` autocast (``precision`` column; the same model and batches each
+time, decoding in float32 either way); on a CPU without native bfloat16 the bf16 rows say
+``32`` because the stage falls back.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datamodules.sft_data import SFTDataModule  # noqa: E402
 from lightning_modules.components.backbone import BackboneConfig, count_parameters  # noqa: E402
 from lightning_modules.components.lm_loss import causal_lm_loss, pack_rows  # noqa: E402
+from lightning_modules.components.precision import (  # noqa: E402
+    effective_precision,
+    training_autocast,
+)
 from lightning_modules.components.scid_map import SCIDMap  # noqa: E402
 from lightning_modules.generative_recommender import GenerativeRecommender  # noqa: E402
 
@@ -116,7 +125,7 @@ def cooccurrence_scid(sizes=(32, 32, 32), dim: int = 32) -> SCIDMap:
 
 
 def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args,
-              pack: bool = False) -> dict:
+              pack: bool = False, precision: str = "32") -> dict:
     hidden, layers = (int(x) for x in size.split("x"))
     dm = SFTDataModule(dataset=args.dataset, source=args.source, data_dir=args.data_dir,
                        scid_dir=scid_dir, tasks=TASKS, seqrec_mode=mode,
@@ -129,7 +138,9 @@ def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args,
     model._trainer = _Trainer(dm)
     model.configure_model()
     model._trainer = None
+    torch.manual_seed(0)  # the same draws of dropout and batches in every configuration
     net = model.model.train()
+    precision = effective_precision(precision, torch.device("cpu"), "bench")
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loader = dm.train_dataloader()
     epoch_examples = len(loader.dataset)
@@ -139,8 +150,9 @@ def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args,
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         batch = next(it)  # collation (tokenization) counts: it is part of training
-        loss = causal_lm_loss(net, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                              pack=pack)
+        with training_autocast(precision, torch.device("cpu")):
+            loss = causal_lm_loss(net, batch["input_ids"], batch["attention_mask"],
+                                  batch["labels"], pack=pack)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -161,7 +173,7 @@ def bench_one(scid_dir: str, size: str, mode: str, batch_size: int, args,
         model.recommend(prompts, seen[s:s + args.eval_batch_size], num_beams=20)
     users_s = len(rows) / (time.perf_counter() - t0)
     return {"size": size, "params": count_parameters(net)["total"], "mode": mode,
-            "batch": batch_size, "pack": "on" if pack else "off",
+            "batch": batch_size, "pack": "on" if pack else "off", "precision": precision,
             "fill": tokens / cells, "tok/step": tokens / args.steps, "tok/s": tok_s,
             "rows/s": ex_s, "ms/row": 1000.0 / ex_s, "ex/epoch": epoch_examples,
             "s/epoch": epoch_examples / ex_s, "users/s": users_s,
@@ -182,6 +194,8 @@ def main() -> None:
                     help="attention-probability dropout (the shipped CPU config: 0.0)")
     ap.add_argument("--pack", nargs="+", default=["off", "on"], choices=["off", "on"],
                     help="row packing of the loss (model.init_args.pack_rows): off, on or both")
+    ap.add_argument("--precision", nargs="+", default=["32"], choices=["32", "bf16"],
+                    help="training-step precision (model.init_args.train_precision): one row each")
     ap.add_argument("--dataset", default="ml-100k", help="dataset name (as data.init_args.dataset)")
     ap.add_argument("--source", default="auto", help="lcrec_json | recbole | auto")
     ap.add_argument("--data-dir", default=None, help="folder of the dataset's files")
@@ -211,12 +225,13 @@ def main() -> None:
                 width *= 2
             random_scid(data.num_items, data.num_users, sizes=(width,) * 3).save(tmp)
             scid_dir = tmp
-        rows = [bench_one(scid_dir, size, mode, batch_size, args, pack=pack == "on")
+        rows = [bench_one(scid_dir, size, mode, batch_size, args, pack=pack == "on",
+                          precision=precision)
                 for size in args.sizes for mode in args.modes
-                for batch_size in args.batch_sizes for pack in args.pack]
-    cols = ["size", "params", "mode", "batch", "pack", "fill", "tok/step", "tok/s", "rows/s",
-            "ms/row",
-            "ex/epoch", "s/epoch", "users/s", "eval s (all users)"]
+                for batch_size in args.batch_sizes for pack in args.pack
+                for precision in args.precision]
+    cols = ["size", "params", "mode", "batch", "pack", "precision", "fill", "tok/step", "tok/s",
+            "rows/s", "ms/row", "ex/epoch", "s/epoch", "users/s", "eval s (all users)"]
     print(f"\nSFT on {args.dataset}, torch threads {torch.get_num_threads()}, "
           f"{args.steps} timed steps after {args.warmup}")
     print("| " + " | ".join(cols) + " |")

@@ -49,6 +49,11 @@ from lightning_modules.components.backbone import (
 from lightning_modules.components.decoding import ItemTrie, constrained_beam_search
 from lightning_modules.components.lm_loss import causal_lm_loss
 from lightning_modules.components.metrics import RankingEvaluator
+from lightning_modules.components.precision import (
+    check_train_precision,
+    effective_precision,
+    training_autocast,
+)
 from lightning_modules.components.prompts import (
     CATALOG_FILE,
     IGNORE_INDEX,
@@ -103,6 +108,11 @@ class GenerativeRecommender(L.LightningModule):
             the packed stage was 1.12x faster and, over 3 seeds, not distinguishable from the
             padded one on validation but lower on test (README "Speed"); on for Beauty,
             whose rows are mostly padding.
+        train_precision: ``32`` or ``bf16``: training steps run their matrix products in
+            bfloat16 under autocast (float32 weights and optimizer; attention in float32 on
+            the CPU); validation, test and export decode in float32 either way. Falls back to
+            ``32`` on a device without native bfloat16
+            (:mod:`~lightning_modules.components.precision`).
     """
 
     reads_stages = ("tokenizer",)  # the SCID map
@@ -116,7 +126,8 @@ class GenerativeRecommender(L.LightningModule):
                  ks: list[int] | None = None, exclude_history: bool = True,
                  predict_top_k: int = 10, export_on_fit_end: bool = False,
                  seed: int | None = None, label_smoothing: float = 0.0,
-                 scid_init: str = "random", pack_rows: bool = False) -> None:
+                 scid_init: str = "random", pack_rows: bool = False,
+                 train_precision: str = "32") -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
         if num_beams < max(ks):
@@ -142,6 +153,7 @@ class GenerativeRecommender(L.LightningModule):
                              f"got {scid_init!r}")
         self.scid_init = scid_init
         self.pack_rows = bool(pack_rows)
+        self.train_precision = check_train_precision(train_precision)
         self.export_on_fit_end = export_on_fit_end
         if seed is None:  # lightning's seed_everything records its seed here
             seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
@@ -341,9 +353,14 @@ class GenerativeRecommender(L.LightningModule):
     def training_step(self, batch, batch_idx):
         # The LM head runs on the labelled positions only (same loss as HF's labels=...), and
         # with pack_rows the rows share sequences instead of padding (same loss and gradient).
-        loss = causal_lm_loss(self.model, batch["input_ids"], batch["attention_mask"],
-                              batch["labels"], label_smoothing=self.label_smoothing,
-                              pack=self.pack_rows)
+        # train_precision bf16: the step's matrix products in bfloat16 (weights, gradients and
+        # optimizer state stay float32); evaluation always decodes in float32.
+        device = batch["input_ids"].device
+        precision = effective_precision(self.train_precision, device, STAGE)
+        with training_autocast(precision, device):
+            loss = causal_lm_loss(self.model, batch["input_ids"], batch["attention_mask"],
+                                  batch["labels"], label_smoothing=self.label_smoothing,
+                                  pack=self.pack_rows)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         # Token throughput: real (unpadded) tokens of this batch.

@@ -64,6 +64,22 @@ def test_stage_fingerprint_ignores_the_run_directory_and_follows_seed_and_upstre
     assert "config" not in resolved
 
 
+def test_a_later_option_at_its_neutral_value_keeps_earlier_fingerprints(tmp_path):
+    """train_precision=32 computes what the stage computed before the option existed, so
+    stages made then are still found by --reuse; bf16 is another computation."""
+    from cli import resolved_stage_config, stage_fingerprint
+
+    args = ("sft", "configs/ml100k/sft.yaml", tmp_path / "a")
+    fp = {p: stage_fingerprint(*args, [f"--model.init_args.train_precision={p}"],
+                               {"tokenizer": "t1"})["stage_fingerprint"]
+          for p in ("32", "bf16")}
+    assert fp["32"] != fp["bf16"]
+    assert "train_precision" not in resolved_stage_config(
+        *args, ["--model.init_args.train_precision=32"])["model"]["init_args"]
+    assert resolved_stage_config(*args, ["--model.init_args.train_precision=bf16"])[
+        "model"]["init_args"]["train_precision"] == "bf16"
+
+
 def test_find_and_copy_stage(tmp_path):
     from lightning_modules.components.artifacts import (
         copy_stage,
