@@ -9,35 +9,15 @@ import logging
 import lightning as L
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lightning_modules.components import precision as prec
 from lightning_modules.components.lm_loss import causal_lm_loss
 from lightning_modules.generative_recommender import GenerativeRecommender
 from tests.test_sft_stage import TINY, make_dm, scid_map, trainer
+from tests.test_speed_parts import right_padded_batch, tiny_lm
 
 CPU = torch.device("cpu")
-
-
-def tiny_llama(seed: int = 0):
-    cfg = AutoConfig.for_model("llama", vocab_size=97, hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=4, max_position_embeddings=64)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg)
-
-
-def batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 97, (4, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 8:] = 0
-    labels = ids.clone()
-    labels[:, :3] = -100
-    labels[mask == 0] = -100
-    return ids, mask, labels
 
 
 @pytest.mark.parametrize("value,expected", [("32", "32"), (32, "32"), ("32-true", "32"),
@@ -60,8 +40,8 @@ def test_float32_steps_run_without_autocast():
 
 
 def test_bf16_steps_multiply_in_bfloat16_and_keep_float32_weights_and_grads():
-    model = tiny_llama()
-    ids, mask, labels = batch()
+    model = tiny_lm()
+    ids, mask, labels = right_padded_batch()
     with prec.training_autocast("bf16", CPU):
         assert torch.is_autocast_enabled("cpu")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
@@ -70,7 +50,7 @@ def test_bf16_steps_multiply_in_bfloat16_and_keep_float32_weights_and_grads():
     assert loss.dtype == torch.float32
     for p in model.parameters():
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
-    ref_model = tiny_llama()
+    ref_model = tiny_lm()
     ref = causal_lm_loss(ref_model, ids, mask, labels)
     # bfloat16 products: close to the float32 loss, not equal to it.
     assert torch.allclose(loss, ref, rtol=2e-2)
@@ -82,7 +62,7 @@ def test_cpu_attention_is_float32_under_autocast_and_hf_elsewhere():
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     attention = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
-    module = tiny_llama().model.layers[0].self_attn
+    module = tiny_lm().model.layers[0].self_attn
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))
     expected, _ = sdpa_attention_forward(module, q, k, v, None, scaling=8 ** -0.5)
