@@ -154,6 +154,7 @@ class GenerativeRecommender(L.LightningModule):
         self.scid_init = scid_init
         self.pack_rows = bool(pack_rows)
         self.train_precision = check_train_precision(train_precision)
+        self._step_precision = "32"  # what the training steps run at (set when a fit starts)
         self.export_on_fit_end = export_on_fit_end
         if seed is None:  # lightning's seed_everything records its seed here
             seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
@@ -355,9 +356,7 @@ class GenerativeRecommender(L.LightningModule):
         # with pack_rows the rows share sequences instead of padding (same loss and gradient).
         # train_precision bf16: the step's matrix products in bfloat16 (weights, gradients and
         # optimizer state stay float32); evaluation always decodes in float32.
-        device = batch["input_ids"].device
-        precision = effective_precision(self.train_precision, device, STAGE)
-        with training_autocast(precision, device):
+        with training_autocast(self._step_precision, self.device):
             loss = causal_lm_loss(self.model, batch["input_ids"], batch["attention_mask"],
                                   batch["labels"], label_smoothing=self.label_smoothing,
                                   pack=self.pack_rows)
@@ -458,6 +457,8 @@ class GenerativeRecommender(L.LightningModule):
     # -- checkpoints ------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._fit_start = time.time()
+        # The training steps' precision on this device, decided once per fit.
+        self._step_precision = effective_precision(self.train_precision, self.device, STAGE)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Everything needed to rebuild the model without the data: tokenizer files + SCID map.

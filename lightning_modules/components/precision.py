@@ -87,7 +87,7 @@ _installed = False
 def install_cpu_fp32_attention() -> None:
     """Make HF's ``sdpa`` attention compute in float32 while a CPU autocast is active.
 
-    Idempotent; every other call (GPU, no autocast, float32 inputs) goes to HF's own
+    Idempotent; every other call (another device, or no autocast) goes to HF's own
     function with the same arguments, so results elsewhere are unchanged.
     """
     global _installed
