@@ -33,7 +33,12 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import RecDataModule
 from datamodules.schema import DataError
-from lightning_modules.components.artifacts import load_tensor, read_stage, stage_dir
+from lightning_modules.components.artifacts import (
+    USER_EMBEDDING_FILES,
+    load_tensor,
+    read_stage,
+    stage_dir,
+)
 from lightning_modules.components.text_encoder import TextEncoder
 from lightning_modules.components.threads import pinned_threads
 
@@ -75,6 +80,27 @@ def load_collaborative_embeddings(run_dir: str, dataset: str, num_items: int,
         raise ValueError(f"{folder}: item and user embeddings differ in width "
                          f"({tensors[0].shape[1]} vs {tensors[1].shape[1]})")
     return tensors[0], tensors[1], info
+
+
+def load_refreshed_user_embeddings(run_dir: str, num_users: int,
+                                   width: int) -> dict[str, Tensor]:
+    """The sasrec stage's user states after the later splits' longer histories
+    (``{"test": [num_users, d], "predict": ...}``), those it exported; a sasrec stage made
+    before they existed has none, and its users get no refreshed SCIDs."""
+    folder = stage_dir(run_dir, SASREC_STAGE)
+    out = {}
+    for split, name in USER_EMBEDDING_FILES.items():
+        path = folder / name
+        if split == "valid" or not path.exists():
+            continue
+        emb = load_tensor(path, SASREC_STAGE, "SASRec user embeddings (a float tensor file)")
+        if not isinstance(emb, Tensor) or emb.dim() != 2 or tuple(emb.shape) != (num_users,
+                                                                                 width):
+            shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+            raise ValueError(f"{path}: expected a float tensor [{num_users}, {width}], "
+                             f"got {shape}")
+        out[split] = emb.float()
+    return out
 
 
 class TokenizerDataModule(RecDataModule):
@@ -120,6 +146,9 @@ class TokenizerDataModule(RecDataModule):
         self.num_negatives = num_negatives
         self.item_x: Tensor | None = None   # [num_items, D]
         self.user_x: Tensor | None = None   # [num_users, D]
+        # The same users' inputs from the later splits' histories (test, predict), when every
+        # block has them: the tokenizer exports refreshed user SCIDs from these.
+        self.user_x_refreshed: dict[str, Tensor] = {}
         self.info: dict = {}
 
     # -- features ---------------------------------------------------------------------------
@@ -129,6 +158,7 @@ class TokenizerDataModule(RecDataModule):
             return
         data, split = self.dataset, self.split
         blocks_items, blocks_users, used = [], [], []
+        refreshed: dict[str, list[Tensor]] | None = {"test": [], "predict": []}
         if self.features in ("both", "semantic"):
             if data.item_features is None:
                 if self.features == "semantic":
@@ -141,6 +171,9 @@ class TokenizerDataModule(RecDataModule):
                 blocks_items.append(sem_items)
                 blocks_users.append(sem_users)
                 used.append("semantic")
+                for later, blocks in refreshed.items():
+                    blocks.append(sem_users if data.user_features is not None
+                                  else self._mean_item_texts(sem_items, later))
         if self.features in ("both", "collaborative"):
             if self.run_dir is None:
                 raise ValueError("the tokenizer's collaborative features come from the 'sasrec' "
@@ -150,6 +183,15 @@ class TokenizerDataModule(RecDataModule):
             blocks_items.append(items)
             blocks_users.append(users)
             used.append("collaborative")
+            later_users = load_refreshed_user_embeddings(self.run_dir, data.num_users,
+                                                         users.shape[1])
+            if set(later_users) == set(refreshed):
+                for later, blocks in refreshed.items():
+                    blocks.append(later_users[later])
+            else:
+                log.info("the sasrec stage exported no user states after the later splits' "
+                         "histories: no refreshed user SCIDs")
+                refreshed = None
             self.info["sasrec_fingerprint"] = sasrec_info.get("fingerprint", "")
         # Zero rows (users without training items) stay zero under F.normalize.
         weights = [self.collaborative_weight if name == "collaborative" and len(used) > 1
@@ -158,6 +200,9 @@ class TokenizerDataModule(RecDataModule):
                                  for w, b in zip(weights, blocks_items)], dim=1)
         self.user_x = torch.cat([w * F.normalize(b, dim=1)
                                  for w, b in zip(weights, blocks_users)], dim=1)
+        self.user_x_refreshed = {} if refreshed is None else {
+            later: torch.cat([w * F.normalize(b, dim=1) for w, b in zip(weights, blocks)], dim=1)
+            for later, blocks in refreshed.items()}
 
         pair_users = np.concatenate([np.full(len(items), user) for user, items
                                      in zip(split.users, split.train_items)]).astype(np.int64)
@@ -211,10 +256,23 @@ class TokenizerDataModule(RecDataModule):
                     users[user] = items[torch.as_tensor(hist)].mean(0)
         return items, users
 
+    def _mean_item_texts(self, item_text: Tensor, stage: str) -> Tensor:
+        """``[num_users, E]``: per user, the mean text vector of the items of the ``stage``
+        history (``test``: training + validation items; ``predict``: + the test item)."""
+        split = self.split
+        users = torch.zeros(self.dataset.num_users, item_text.shape[1])
+        for row, user in enumerate(split.users):
+            hist = split.history(row, "test")
+            if stage == "predict":
+                hist = np.append(hist, split.test_target[row])
+            users[user] = item_text[torch.as_tensor(hist)].mean(0)
+        return users
+
     def tokenizer_inputs(self) -> dict:
         """What :class:`~lightning_modules.dual_tokenizer.DualTokenizer` needs from the data."""
         self.setup()
-        return {"item_x": self.item_x, "user_x": self.user_x, "data_info": dict(self.info)}
+        return {"item_x": self.item_x, "user_x": self.user_x, "data_info": dict(self.info),
+                "user_x_refreshed": dict(self.user_x_refreshed)}
 
     # -- loaders ----------------------------------------------------------------------------
     def sample_negatives(self, users: Tensor) -> tuple[Tensor, Tensor]:

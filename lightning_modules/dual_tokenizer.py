@@ -143,9 +143,13 @@ class DualTokenizer(L.LightningModule):
         self.hparams["item_input_dim"] = item_dim
         self.hparams["user_input_dim"] = user_dim
 
-    def attach_data(self, item_x: Tensor, user_x: Tensor, data_info: dict | None = None) -> None:
+    def attach_data(self, item_x: Tensor, user_x: Tensor, data_info: dict | None = None,
+                    user_x_refreshed: dict[str, Tensor] | None = None) -> None:
         """Give the module every entity's input vectors (``[num_items, D_i]``,
-        ``[num_users, D_u]``). The Trainer does this in :meth:`setup` from the DataModule."""
+        ``[num_users, D_u]``). The Trainer does this in :meth:`setup` from the DataModule.
+        ``user_x_refreshed``: the users' inputs from the later splits' histories
+        (``{"test": [num_users, D_u], "predict": ...}``); the export encodes them into
+        refreshed user SCIDs. They take no part in training."""
         if self.fusion is None:
             self._build(item_x.shape[1], user_x.shape[1])
         expected = (self.hparams["item_input_dim"], self.hparams["user_input_dim"])
@@ -156,6 +160,12 @@ class DualTokenizer(L.LightningModule):
         # Non-persistent buffers: they follow the module's device but stay out of checkpoints.
         self.register_buffer("item_x", item_x.to(self.device), persistent=False)
         self.register_buffer("user_x", user_x.to(self.device), persistent=False)
+        self.user_x_refreshed = {}
+        for split, x in (user_x_refreshed or {}).items():
+            if tuple(x.shape) != tuple(user_x.shape):
+                raise ValueError(f"user_x_refreshed[{split!r}] has shape {tuple(x.shape)}, "
+                                 f"expected the user inputs' {tuple(user_x.shape)}")
+            self.user_x_refreshed[split] = x.to(self.device)
         self.data_info = dict(data_info or {})
 
     def setup(self, stage: str) -> None:
@@ -286,6 +296,21 @@ class DualTokenizer(L.LightningModule):
                 metrics[f"val/{side}/recon"] = float(out.losses["recon"])
             self.log_dict(metrics, batch_size=len(codes))
 
+    def _refreshed_codes(self, user_x: Tensor, levels: int) -> Tensor:
+        """Codes ``[num_users, levels]`` of the users re-encoded from other inputs, their last
+        level re-assigned like the training-history codes' (Sinkhorn). No de-duplication: a
+        prompt's user SCID need not be unique, and a de-duplication level of the training
+        codes is 0 here (most users' value there)."""
+        quantizer = self.quantizer_for("users")
+        codes, distances = quantizer.encode_with_distances(self.fusion[_key("users")](user_x))
+        q_levels = codes.shape[1]
+        codes = self.collisions.resolve(codes, quantizer.codebook_sizes, distances).codes
+        codes = codes[:, :q_levels]
+        if codes.shape[1] < levels:
+            pad = codes.new_zeros(len(codes), levels - codes.shape[1])
+            codes = torch.cat([codes, pad], dim=1)
+        return codes[:, :levels]
+
     # -- artifacts --------------------------------------------------------------------------
     def config(self) -> dict:
         """JSON-able description of the model's settings (for the fingerprint)."""
@@ -333,6 +358,10 @@ class DualTokenizer(L.LightningModule):
             log.info("%s: collisions %.4f -> %.4f, utilization %s", side,
                      res.collision_rate_before, res.collision_rate_after,
                      [round(u, 3) for u in metrics[side]["utilization"]])
+        refreshed = {}
+        if "users" in resolved:
+            for split, x in getattr(self, "user_x_refreshed", {}).items():
+                refreshed[split] = self._refreshed_codes(x, resolved["users"].codes.shape[1])
         self.train(was_training)
         items, users = resolved["items"], resolved.get("users")
         scid_map = SCIDMap(
@@ -341,7 +370,8 @@ class DualTokenizer(L.LightningModule):
             user_codebook_sizes=None if users is None else users.codebook_sizes,
             item_prefixes=ITEM_PREFIXES, user_prefixes=USER_PREFIXES,
             fingerprint=fingerprint(self.config(), self.data_info),
-            meta={"model": self.config(), "data": self.data_info, "statistics": stats})
+            meta={"model": self.config(), "data": self.data_info, "statistics": stats},
+            user_refreshed_codes=refreshed)
         out_dir = Path(stage_dir(self.run_dir, self.stage_name))
         scid_map.save(out_dir)
         atomic_write_json(out_dir / STATS_FILE, stats)

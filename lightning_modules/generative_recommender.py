@@ -70,7 +70,7 @@ from lightning_modules.components.scid_init import (
     load_codebooks,
     tokenizer_checkpoint,
 )
-from lightning_modules.components.scid_map import SCIDMap, load_scid_map
+from lightning_modules.components.scid_map import REFRESHED_SPLITS, SCIDMap, load_scid_map
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,11 @@ class GenerativeRecommender(L.LightningModule):
             the CPU); validation, test and export decode in float32 either way. Falls back to
             ``32`` on a device without native bfloat16
             (:mod:`~lightning_modules.components.precision`).
+        user_scid_refresh: test (and ``predict``) prompts show each user's SCID re-encoded
+            from the history those prompts show (training items + the validation item; + the
+            test item), as validation prompts show the SCID of the training history they
+            follow (:attr:`SCIDMap.user_refreshed_codes`). Off: every prompt shows the
+            training-history SCID. Training and validation are the same either way.
     """
 
     reads_stages = ("tokenizer",)  # the SCID map
@@ -127,7 +132,7 @@ class GenerativeRecommender(L.LightningModule):
                  predict_top_k: int = 10, export_on_fit_end: bool = False,
                  seed: int | None = None, label_smoothing: float = 0.0,
                  scid_init: str = "random", pack_rows: bool = False,
-                 train_precision: str = "32") -> None:
+                 train_precision: str = "32", user_scid_refresh: bool = False) -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
         if num_beams < max(ks):
@@ -155,6 +160,7 @@ class GenerativeRecommender(L.LightningModule):
         self.pack_rows = bool(pack_rows)
         self.train_precision = check_train_precision(train_precision)
         self._step_precision = "32"  # what the training steps run at (set when a fit starts)
+        self.user_scid_refresh = bool(user_scid_refresh)
         self.export_on_fit_end = export_on_fit_end
         if seed is None:  # lightning's seed_everything records its seed here
             seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
@@ -265,6 +271,14 @@ class GenerativeRecommender(L.LightningModule):
         if self.scid_map is not None and datamodule.scid_map is not None and \
                 not torch.equal(self.scid_map.item_codes, datamodule.scid_map.item_codes):
             raise ValueError("the DataModule's SCID map differs from the model's")
+        refreshed = set(getattr(self.prompts.scid_map, "user_refreshed_codes", {}) or {})
+        if self.user_scid_refresh and self.prompts.inject_user and \
+                not set(REFRESHED_SPLITS) <= refreshed:
+            raise ValueError(
+                "model.init_args.user_scid_refresh=true needs user SCIDs refreshed for "
+                f"{list(REFRESHED_SPLITS)} in the tokenizer stage's scid_map.json (it has "
+                f"{sorted(refreshed) or 'none'}): rerun the sasrec and tokenizer stages with "
+                "this version, which export them")
         datamodule.attach_tokenizer(self.tokenizer)
 
     # -- public API (reused by the DPO stage) -----------------------------------------------
@@ -272,7 +286,9 @@ class GenerativeRecommender(L.LightningModule):
         """Next-item prompts of split rows ``rows`` (``[B]``) for ``stage``.
 
         ``valid``: history = training items; ``test``: + the validation item; ``predict``:
-        + the test item (recommendations after everything known).
+        + the test item (recommendations after everything known). With
+        ``user_scid_refresh``, the test and predict prompts show the user SCID re-encoded
+        from that history.
         """
         if self.prompts is None or self._split is None:
             raise RuntimeError("no data attached: call attach_data(datamodule) first")
@@ -285,8 +301,14 @@ class GenerativeRecommender(L.LightningModule):
                 hist = hist[-mh:] if mh else hist
             else:
                 hist = split.history(row, stage, mh)
-            out.append(self.prompts.seqrec_prompt(int(split.users[row]), hist))
+            out.append(self.prompts.seqrec_prompt(int(split.users[row]), hist,
+                                                  refreshed_for=self.refreshed_for(stage)))
         return out
+
+    def refreshed_for(self, stage: str) -> str | None:
+        """The split whose refreshed user SCIDs ``stage``'s prompts show (None: the
+        training-history ones)."""
+        return stage if self.user_scid_refresh and stage in REFRESHED_SPLITS else None
 
     def _model_device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -540,6 +562,7 @@ class GenerativeRecommender(L.LightningModule):
             "item_levels": self.scid_map.item_levels,
             "vocab_size": len(self.tokenizer),
             "parameters": count_parameters(self.model),
+            "user_scid_refresh": self.user_scid_refresh,
         }
         atomic_write_json(tmp / SFT_INFO_FILE, info)
         if self.prompts is not None:  # what serving needs without the data (Recommender)
@@ -621,6 +644,8 @@ class GenerativeRecommender(L.LightningModule):
 
         backbone = BackboneConfig(**info["backbone"])
         lora = LoraSettings(**info["lora"])
+        overrides = {"user_scid_refresh": bool(info.get("user_scid_refresh", False)),
+                     **overrides}
         module = cls(backbone=backbone, lora=lora, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         scid_map = load_scid_map(hf_dir)

@@ -95,7 +95,9 @@ class Recommender:
                 return builder.seqrec_prompt(0, history)
             finally:
                 builder.inject_user = saved
-        return builder.seqrec_prompt(user, history)
+        # A known user's SCID from everything known of it, when the model reads refreshed ones.
+        return builder.seqrec_prompt(user, history,
+                                     refreshed_for=self.model.refreshed_for("predict"))
 
     @torch.no_grad()
     def recommend_batch(self, histories: Sequence[Sequence[str]],

@@ -16,7 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.components.artifacts import atomic_torch_save, atomic_write_json
+from lightning_modules.components.artifacts import (
+    USER_EMBEDDING_FILES,
+    atomic_torch_save,
+    atomic_write_json,
+)
 from lightning_modules.components.catalogue_eval import CatalogueScoringEval
 from lightning_modules.components.dropout import replace_dropout
 from lightning_modules.components.metrics import RankingEvaluator
@@ -164,20 +168,32 @@ class SASRec(CatalogueScoringEval, L.LightningModule):
         if self.run_dir is None:
             log.info("sasrec: no run_dir set, embeddings not exported")
             return {}
-        dm = self.trainer.datamodule
-        out = Path(self.run_dir) / self.stage_name
+        return self.write_embeddings(self.trainer.datamodule,
+                                     Path(self.run_dir) / self.stage_name)
+
+    @torch.no_grad()
+    def write_embeddings(self, dm, out: Path) -> dict:
+        """Item embeddings and the users' states (:data:`USER_EMBEDDING_FILES`) of the data of
+        ``dm`` (a :class:`~datamodules.sequential_data.SequentialDataModule`) into ``out``."""
         was_training = self.training
         self.eval()
-        users = torch.zeros(dm.num_users, self.hparams.hidden_size)
-        for batch in dm.user_history_loader():
-            ids = batch["input_ids"].to(self.device)
-            enc = self.encode_users(ids).float().cpu()
-            enc[(ids == 0).all(dim=1).cpu()] = 0.0  # no training items: no signal
-            users[batch["users"]] = enc
+        # The user's state after its training items (what training and validation prompts
+        # show), and after the longer histories of the later splits (the tokenizer re-encodes
+        # those into refreshed user SCIDs; see SCIDMap.user_refreshed_codes).
+        users = {}
+        for stage in USER_EMBEDDING_FILES:
+            emb = torch.zeros(dm.num_users, self.hparams.hidden_size)
+            for batch in dm.user_history_loader(stage):
+                ids = batch["input_ids"].to(self.device)
+                enc = self.encode_users(ids).float().cpu()
+                enc[(ids == 0).all(dim=1).cpu()] = 0.0  # no items: no signal
+                emb[batch["users"]] = enc
+            users[stage] = emb
         items = self.encoder.item_weights().detach().float().cpu().clone()
         self.train(was_training)
         atomic_torch_save(items, out / "item_embeddings.pt")
-        atomic_torch_save(users, out / "user_embeddings.pt")
+        for stage, name in USER_EMBEDDING_FILES.items():
+            atomic_torch_save(users[stage], out / name)
         info = {"dataset": dm.dataset.name, "num_items": dm.num_items,
                 "num_users": dm.num_users, "embedding_dim": self.hparams.hidden_size}
         atomic_write_json(out / "embeddings.json", info)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,6 +92,13 @@ def test_user_embeddings_encode_training_history_only(pipeline_run):
     with_valid = pad_left([dm.split.history(row, "test", 20) + 1], 20, 0)
     assert torch.allclose(users[user], model.encode_users(train_only)[0], atol=1e-5)
     assert not torch.allclose(users[user], model.encode_users(with_valid)[0], atol=1e-3)
+    # The states after the later splits' histories, for the tokenizer's refreshed user SCIDs.
+    later = torch.load(pipeline_run / "sasrec" / "user_embeddings_test.pt")
+    assert torch.allclose(later[user], model.encode_users(with_valid)[0], atol=1e-5)
+    everything = np.append(dm.split.history(row, "test"), dm.split.test_target[row])
+    last = torch.load(pipeline_run / "sasrec" / "user_embeddings_predict.pt")
+    assert torch.allclose(last[user], model.encode_users(
+        pad_left([everything[-20:] + 1], 20, 0))[0], atol=1e-5)
 
 
 def test_pipeline_skips_complete_stages(pipeline_run):

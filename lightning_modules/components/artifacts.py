@@ -17,6 +17,10 @@ from typing import Any
 import torch
 
 STAGE_MARKER = "stage.json"
+# The sasrec stage's user states, per split whose target they precede: "valid" after the
+# training items, "test" after the validation item too, "predict" after every known item.
+USER_EMBEDDING_FILES = {"valid": "user_embeddings.pt", "test": "user_embeddings_test.pt",
+                        "predict": "user_embeddings_predict.pt"}
 
 
 class ArtifactError(ValueError):

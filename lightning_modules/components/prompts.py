@@ -105,6 +105,9 @@ class PromptBuilder:
         self._item_str = [scid_map.item_string(i) for i in range(scid_map.num_items)]
         self._user_str = ([scid_map.user_string(u) for u in range(scid_map.num_users)]
                           if scid_map.has_users else None)
+        self._refreshed_user_str = {
+            split: [scid_map.user_string(u, split) for u in range(scid_map.num_users)]
+            for split in scid_map.user_refreshed_codes}
         sep = self.templates.get("history_separator", "")
         self._sep = sep if sep is not None else ""
 
@@ -112,14 +115,21 @@ class PromptBuilder:
     def item_scid(self, item: int) -> str:
         return self._item_str[int(item)]
 
-    def user_scid(self, user: int) -> str:
+    def user_scid(self, user: int, refreshed_for: str | None = None) -> str:
+        """The user's SCID; ``refreshed_for`` (``"test"``, ``"predict"``): the one re-encoded
+        from that split's history (:attr:`SCIDMap.user_refreshed_codes`)."""
         if self._user_str is None:
             raise ValueError("the SCID map has no user codes")
-        return self._user_str[int(user)]
+        if refreshed_for is None:
+            return self._user_str[int(user)]
+        if refreshed_for not in self._refreshed_user_str:
+            self.scid_map.user_string(int(user), refreshed_for)  # raises, naming what is missing
+        return self._refreshed_user_str[refreshed_for][int(user)]
 
-    def user_phrase(self, user: int) -> str:
+    def user_phrase(self, user: int, refreshed_for: str | None = None) -> str:
         if self.inject_user:
-            return self.templates["user_with_id"].format(user_id=self.user_scid(user))
+            return self.templates["user_with_id"].format(
+                user_id=self.user_scid(user, refreshed_for))
         return self.templates["user_without_id"]
 
     def history_string(self, history: Sequence[int]) -> str:
@@ -176,17 +186,20 @@ class PromptBuilder:
 
     # -- seqrec -----------------------------------------------------------------------------
     def seqrec_prompt(self, user: int, history: Sequence[int], template: int | None = 0,
-                      rng: random.Random | None = None) -> str:
+                      rng: random.Random | None = None,
+                      refreshed_for: str | None = None) -> str:
         """The prompt that asks for the next item after ``history`` (evaluation uses template 0).
 
         In ``sequence`` mode it is the one-pass prefix followed by the history SCIDs, exactly
-        the context a window position sees in training.
+        the context a window position sees in training. ``refreshed_for``: the user SCID
+        re-encoded from that split's history (see :meth:`user_scid`).
         """
+        user_phrase = self.user_phrase(user, refreshed_for)
         if self.seqrec_mode == "sequence":
-            prefix = self.templates["sequence"].format(user=self.user_phrase(user))
+            prefix = self.templates["sequence"].format(user=user_phrase)
             return prefix + self.history_string(history)
         text = self._pick("seqrec", rng, template).format(
-            user=self.user_phrase(user), history=self.history_string(history))
+            user=user_phrase, history=self.history_string(history))
         return self.wrap(text)
 
     def seqrec(self, user: int, history: Sequence[int], target: int,

@@ -20,6 +20,8 @@ import torch
 ITEM_PREFIXES = ("a", "b", "c", "d", "e", "f")
 USER_PREFIXES = ("u", "v", "w", "x", "y", "z")
 SCID_FILE = "scid_map.json"
+# Later splits whose prompts may show user codes re-encoded from their own history.
+REFRESHED_SPLITS = ("test", "predict")
 
 
 @dataclass
@@ -28,6 +30,11 @@ class SCIDMap:
 
     ``item_codebook_sizes[l]`` is the number of codes of item level ``l`` (likewise for users);
     row ``i`` of ``item_codes`` belongs to internal item id ``i``.
+
+    ``user_codes`` encode each user from the training history (what training and validation
+    prompts show). ``user_refreshed_codes`` optionally holds, per later split, the codes of the
+    same users re-encoded from the history that split's prompts show: ``"test"`` (training
+    items + the validation item) and ``"predict"`` (+ the test item); same shape and levels.
     """
 
     item_codes: torch.Tensor
@@ -38,6 +45,7 @@ class SCIDMap:
     user_prefixes: tuple[str, ...] = USER_PREFIXES
     fingerprint: str = ""
     meta: dict = field(default_factory=dict)
+    user_refreshed_codes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.item_codes = torch.as_tensor(self.item_codes, dtype=torch.long)
@@ -57,6 +65,24 @@ class SCIDMap:
             if set(self.user_prefixes[: self.user_levels]) & set(
                     self.item_prefixes[: self.item_levels]):
                 raise ValueError("item and user vocabularies must use different prefixes")
+        refreshed = {}
+        for split, codes in (self.user_refreshed_codes or {}).items():
+            if split not in REFRESHED_SPLITS:
+                raise ValueError(f"user_refreshed_codes: unknown split {split!r}; "
+                                 f"expected one of {REFRESHED_SPLITS}")
+            if self.user_codes is None:
+                raise ValueError("user_refreshed_codes without user_codes")
+            codes = torch.as_tensor(codes, dtype=torch.long)
+            if codes.shape != self.user_codes.shape:
+                raise ValueError(f"user_refreshed_codes[{split!r}] has shape "
+                                 f"{tuple(codes.shape)}, expected the user codes' "
+                                 f"{tuple(self.user_codes.shape)}")
+            sizes = torch.as_tensor(self.user_codebook_sizes)
+            if len(codes) and ((codes < 0).any() or (codes >= sizes).any()):
+                raise ValueError(f"user_refreshed_codes[{split!r}] holds codes outside the "
+                                 f"user codebook sizes {list(self.user_codebook_sizes)}")
+            refreshed[split] = codes
+        self.user_refreshed_codes = refreshed
 
     # -- shapes ---------------------------------------------------------------------------
     @property
@@ -84,17 +110,26 @@ class SCIDMap:
         return [f"<{self.item_prefixes[lvl]}_{int(c)}>"
                 for lvl, c in enumerate(self.item_codes[item])]
 
-    def user_token_list(self, user: int) -> list[str]:
+    def user_token_list(self, user: int, refreshed_for: str | None = None) -> list[str]:
+        """Tokens of ``user``'s SCID; ``refreshed_for`` (``"test"``/``"predict"``): the codes
+        re-encoded from that split's history (see the class docstring)."""
         if self.user_codes is None:
             raise ValueError("this SCID map has no user codes (users were not tokenized)")
-        return [f"<{self.user_prefixes[lvl]}_{int(c)}>"
-                for lvl, c in enumerate(self.user_codes[user])]
+        codes = self.user_codes
+        if refreshed_for is not None:
+            if refreshed_for not in self.user_refreshed_codes:
+                have = sorted(self.user_refreshed_codes) or "none"
+                raise ValueError(f"this SCID map has no user codes refreshed for "
+                                 f"{refreshed_for!r} (it has: {have}); rerun the sasrec and "
+                                 "tokenizer stages with this version to export them")
+            codes = self.user_refreshed_codes[refreshed_for]
+        return [f"<{self.user_prefixes[lvl]}_{int(c)}>" for lvl, c in enumerate(codes[user])]
 
     def item_string(self, item: int) -> str:
         return "".join(self.item_token_list(item))
 
-    def user_string(self, user: int) -> str:
-        return "".join(self.user_token_list(user))
+    def user_string(self, user: int, refreshed_for: str | None = None) -> str:
+        return "".join(self.user_token_list(user, refreshed_for))
 
     def item_vocabulary(self) -> list[str]:
         """Every item token, level by level, code by code."""
@@ -145,7 +180,10 @@ class SCIDMap:
                 "codes": self.user_codes.tolist(),
                 "codebook_sizes": list(self.user_codebook_sizes),
                 "prefixes": list(self.user_prefixes[: self.user_levels]),
-                "num_levels": self.user_levels},
+                "num_levels": self.user_levels,
+                **({"refreshed_codes": {k: v.tolist()
+                                        for k, v in self.user_refreshed_codes.items()}}
+                   if self.user_refreshed_codes else {})},
             "meta": self.meta,
         }
 
@@ -173,6 +211,9 @@ class SCIDMap:
             user_prefixes=USER_PREFIXES if users is None else tuple(users["prefixes"]),
             fingerprint=d.get("fingerprint", ""),
             meta=d.get("meta", {}),
+            user_refreshed_codes={} if users is None else {
+                k: torch.tensor(v, dtype=torch.long)
+                for k, v in (users.get("refreshed_codes") or {}).items()},
         )
 
 
