@@ -335,7 +335,7 @@ def _relative_to_run(value, run_dir: str):
 
 
 # model.init_args options whose value here leaves the computation as it was before the option.
-NEUTRAL_OPTIONS = {"train_precision": "32"}
+NEUTRAL_OPTIONS = {"train_precision": "32", "user_scid_refresh": "False"}
 
 
 def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str]) -> dict:
@@ -609,6 +609,21 @@ def _dataset_flags(block: dict, accepted: dict) -> list[str]:
 STAGE_KEYS = frozenset({"name", "config", "overrides"})
 
 
+def pipeline_stage_extra(stage: dict, run_dir: Path, block: dict, shared: list[str],
+                         stage_configs: list[str], passthrough: list[str]) -> list[str]:
+    """The flags after a pipeline stage's own config: the ``--stage_config`` files, the
+    dataset block's data flags (those the stage's DataModule takes), the pipeline's and the
+    stage's overrides, then the command line's (later flags win)."""
+    composed = [x for extra in stage_configs for x in ("--config", extra)]
+    extra = composed + shared + [str(a) for a in stage.get("overrides", [])] + passthrough
+    if block:
+        accepted = resolved_stage_config(stage["name"], stage["config"], run_dir, extra).get(
+            "data", {}).get("init_args", {})
+        # The dataset block goes first: the stage's overrides and the command line win.
+        extra = composed + _dataset_flags(block, accepted) + extra[len(composed):]
+    return extra
+
+
 def pipeline(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cli.py pipeline",
@@ -667,13 +682,8 @@ def pipeline(argv: list[str]) -> int:
             continue
         if not Path(config).exists():
             raise FileNotFoundError(f"{cfg_path}: stage '{name}' config {config} does not exist")
-        composed = [x for extra in args.stage_config for x in ("--config", extra)]
-        extra = composed + shared + [str(a) for a in stage.get("overrides", [])] + passthrough
-        if block:
-            accepted = resolved_stage_config(name, config, run_dir, extra).get(
-                "data", {}).get("init_args", {})
-            # The dataset block goes first: the stage's overrides and the command line win.
-            extra = composed + _dataset_flags(block, accepted) + extra[len(composed):]
+        extra = pipeline_stage_extra(stage, run_dir, block, shared, args.stage_config,
+                                     passthrough)
         provenance = stage_fingerprint(name, config, run_dir, extra, upstream)
         fp = provenance["stage_fingerprint"]
         if marker.exists() and not args.force:
