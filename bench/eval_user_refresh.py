@@ -10,13 +10,14 @@ user's SCID re-encoded from the test history instead. Training and validation do
 with it, so a trained sft stage can be tested both ways without training again:
 
 1. each ``<runs>/seed<k>`` (a pipeline run directory of seed ``k`` with finished sasrec,
-   tokenizer and sft stages) is copied to ``<out>/seed<k>`` (the original is only read);
+   tokenizer and sft (and dpo) stages) is copied to ``<out>/seed<k>`` (the original is only read);
 2. the sasrec stage's best checkpoint writes the users' states after the later splits'
    histories (and again those of the training history, which must equal the stage's own);
 3. the tokenizer's checkpoint exports the SCID map again, now with the users' refreshed
    codes (its item and user codes must equal the stage's own);
-4. the sft stage's best checkpoint is tested with ``user_scid_refresh`` off (which must
-   reproduce the stage's test metrics) and on.
+4. the stage's exported model (``sft/hf``, or ``dpo/hf`` with ``--stage dpo``) is tested
+   on the sft stage's data with ``user_scid_refresh`` off (which must reproduce the stage's
+   test metrics) and on.
 
 Prints per seed and pooled: test N@10 / R@10 both ways and the paired difference over the
 test users (seeds pooled, bootstrap 95% interval); ``--json`` writes the same. Validation
@@ -38,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STAGES = ("sasrec", "tokenizer", "sft")
+STAGES = ("sasrec", "tokenizer", "sft")  # what every run needs; --stage dpo adds dpo
 
 
 def stage_cli_for(pipeline_yaml: Path, name: str, run_dir: Path, seed: int, extra: list[str]):
@@ -57,16 +58,17 @@ def stage_cli_for(pipeline_yaml: Path, name: str, run_dir: Path, seed: int, extr
 
 
 def refresh_seed(pipeline_yaml: Path, source: Path, run_dir: Path, seed: int,
-                 flags: list[str]) -> dict:
+                 flags: list[str], stage: str = "sft") -> dict:
     import numpy as np
     import torch
 
     from lightning_modules.components.artifacts import USER_EMBEDDING_FILES
     from lightning_modules.components.scid_map import load_scid_map
     from lightning_modules.dual_tokenizer import DualTokenizer
+    from lightning_modules.generative_recommender import GenerativeRecommender
     from lightning_modules.sasrec import SASRec
 
-    for name in STAGES:
+    for name in (*STAGES, stage):
         if not (source / name / "stage.json").exists():
             raise FileNotFoundError(f"{source / name}: no finished {name} stage")
         if not (run_dir / name / "stage.json").exists():
@@ -100,22 +102,23 @@ def refresh_seed(pipeline_yaml: Path, source: Path, run_dir: Path, seed: int,
         raise RuntimeError(f"{run_dir / 'tokenizer'}: the exported codes differ from the "
                            "stage's own; the checkpoint is not the one the stage exported from")
     moved = (after.user_refreshed_codes["test"] != after.user_codes).any(dim=1).float().mean()
-    # 4. the sft stage tested both ways
-    recorded = json.loads((run_dir / "sft" / "stage.json").read_text())["test"]
-    result = {"seed": seed, "users_with_new_test_scid": float(moved)}
+    # 4. the stage's exported model tested both ways, on the data the sft stage reads
+    recorded = json.loads((run_dir / stage / "stage.json").read_text())["test"]
+    result = {"seed": seed, "stage": stage, "users_with_new_test_scid": float(moved)}
+    cli = stage_cli_for(pipeline_yaml, "sft", run_dir, seed, flags)
     for refresh in (False, True):
-        cli = stage_cli_for(pipeline_yaml, "sft", run_dir, seed,
-                            [*flags,
-                             f"--model.init_args.user_scid_refresh={str(refresh).lower()}"])
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False,
-                         ckpt_path=str(run_dir / "sft" / "checkpoints" / "best.ckpt"))
-        metrics = dict(cli.model.results["test"])
-        ranks = cli.model.last_ranks["test"][1]
+        model = GenerativeRecommender.from_pretrained_dir(
+            run_dir / stage / "hf", trainable=False, num_beams=cli.model.num_beams,
+            ks=cli.model.ks, exclude_history=cli.model.exclude_history,
+            user_scid_refresh=refresh)
+        cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)
+        metrics = dict(model.results["test"])
+        ranks = model.last_ranks["test"][1]
         key = "refreshed" if refresh else "fixed"
         result[key] = metrics
-        np.save(run_dir / f"ranks_test_{key}.npy", np.asarray(ranks))
+        np.save(run_dir / f"ranks_test_{stage}_{key}.npy", np.asarray(ranks))
         if not refresh and any(abs(metrics[k] - recorded[k]) > 1e-9 for k in recorded):
-            raise RuntimeError(f"{run_dir / 'sft'}: testing the best checkpoint gave {metrics}, "
+            raise RuntimeError(f"{run_dir / stage}: testing its exported model gave {metrics}, "
                                f"the stage recorded {recorded}")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
@@ -127,6 +130,8 @@ def main() -> int:
     parser.add_argument("--runs", required=True, help="folder of seed<k> run directories")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", required=True, help="where the copies and results go")
+    parser.add_argument("--stage", default="sft", choices=["sft", "dpo"],
+                        help="whose exported model (<stage>/hf) is tested")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--json", default=None)
     args, passthrough = parser.parse_known_args()
@@ -143,12 +148,12 @@ def main() -> int:
         run_dir = out / f"seed{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
         results.append(refresh_seed(Path(args.pipeline), Path(args.runs) / f"seed{seed}",
-                                    run_dir, seed, passthrough))
+                                    run_dir, seed, passthrough, args.stage))
         print(json.dumps(results[-1]), flush=True)
     pooled = {}
-    fixed = [per_user_metrics(np.load(out / f"seed{s}" / "ranks_test_fixed.npy")) for s in seeds]
-    fresh = [per_user_metrics(np.load(out / f"seed{s}" / "ranks_test_refreshed.npy"))
-             for s in seeds]
+    fixed, fresh = ([per_user_metrics(np.load(out / f"seed{s}" /
+                                              f"ranks_test_{args.stage}_{key}.npy"))
+                     for s in seeds] for key in ("fixed", "refreshed"))
     for metric in ("ndcg@10", "recall@10", "ndcg@5", "recall@5"):
         pooled[metric] = paired_bootstrap(np.concatenate([f[metric] for f in fresh]),
                                           np.concatenate([f[metric] for f in fixed]),
