@@ -369,6 +369,9 @@ def stage_fingerprint(name: str, config: str, run_dir: Path, extra: list[str],
     fingerprints mean equal inputs and equal computation."""
     resolved = resolved_stage_config(name, config, run_dir, extra)
     reads = _declared_reads(resolved)
+    version = _class_attribute(resolved, "model", "artifacts_version")
+    if version is not None:  # what the stage writes changed: stages made before are not it
+        resolved = {**resolved, "artifacts_version": version}
     if reads is not None:  # only what the stage reads (so unrelated stages never differ it)
         upstream = {k: v for k, v in upstream.items() if k in reads}
     data = (resolved.get("data") or {}).get("init_args") or {}
@@ -386,22 +389,28 @@ def stage_fingerprint(name: str, config: str, run_dir: Path, extra: list[str],
             "upstream": dict(upstream), "data_digest": digest}
 
 
+def _class_attribute(resolved: dict, key: str, name: str):
+    """Attribute ``name`` of the class of the resolved config's ``key`` (``model``/``data``),
+    or ``None`` when the class or the attribute is not there."""
+    import importlib
+
+    path = (resolved.get(key) or {}).get("class_path")
+    if not path:
+        return None
+    module, _, cls = path.rpartition(".")
+    try:
+        return getattr(getattr(importlib.import_module(module), cls), name, None)
+    except (ImportError, AttributeError):
+        return None
+
+
 def _declared_reads(resolved: dict) -> set[str] | None:
     """The run-directory stages a stage's model and DataModule declare they read
     (``reads_stages``), or ``None`` when either class does not say (then every earlier
     stage counts)."""
-    import importlib
-
     out: set[str] = set()
     for key in ("model", "data"):
-        path = (resolved.get(key) or {}).get("class_path")
-        if not path:
-            return None
-        module, _, cls = path.rpartition(".")
-        try:
-            reads = getattr(getattr(importlib.import_module(module), cls), "reads_stages", None)
-        except (ImportError, AttributeError):
-            return None
+        reads = _class_attribute(resolved, key, "reads_stages")
         if reads is None:
             return None
         out.update(reads)

@@ -147,8 +147,12 @@ def main() -> int:
     for seed in seeds:
         run_dir = out / f"seed{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        results.append(refresh_seed(Path(args.pipeline), Path(args.runs) / f"seed{seed}",
-                                    run_dir, seed, passthrough, args.stage))
+        done = run_dir / f"result_{args.stage}.json"  # a seed already tested is not again
+        if not done.exists():
+            result = refresh_seed(Path(args.pipeline), Path(args.runs) / f"seed{seed}",
+                                  run_dir, seed, passthrough, args.stage)
+            done.write_text(json.dumps(result))
+        results.append(json.loads(done.read_text()))
         print(json.dumps(results[-1]), flush=True)
     pooled = {}
     fixed, fresh = ([per_user_metrics(np.load(out / f"seed{s}" /

@@ -83,6 +83,9 @@ class DualTokenizer(L.LightningModule):
     reads_stages = ()  # (its DataModule reads the sasrec stage)
 
     stage_name = STAGE  # the run-directory folder the CLI and the pipeline use
+
+    # 2: the users' refreshed codes in the SCID map (SCIDMap.user_refreshed_codes).
+    artifacts_version = 2
     # A killed tokenizer stage starts over (it is the shortest stage): part of the quantizers'
     # training state (dead-code counters, the k-means initialisation) is not in a checkpoint.
     resumable = False

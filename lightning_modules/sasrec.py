@@ -89,6 +89,10 @@ class SASRec(CatalogueScoringEval, L.LightningModule):
 
     stage_name = "sasrec"
 
+    # 2: the users' states after the test and predict histories too (stages made before
+    # lack them, so their fingerprints differ and pipelines recompute them).
+    artifacts_version = 2
+
     def __init__(self, num_items: int = 0, max_history: int = 20, hidden_size: int = 64,
                  num_layers: int = 2, num_heads: int = 2, dropout: float = 0.2,
                  attn_dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 0.0,

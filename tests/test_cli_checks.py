@@ -161,6 +161,23 @@ def test_upstream_is_what_a_stage_reads(tmp_path):
     assert dpo["upstream"] == {"tokenizer": "t1", "sft": "f1"}
 
 
+def test_a_stage_whose_artifacts_changed_gets_another_fingerprint(tmp_path, monkeypatch):
+    """A class's ``artifacts_version`` enters its stage's fingerprint: stages made by a version
+    that wrote other artifacts are recomputed, not taken as complete."""
+    from cli import stage_fingerprint
+    from lightning_modules.sasrec import SASRec
+
+    def fp():
+        return stage_fingerprint("sasrec", "configs/ml100k/sasrec.yaml", tmp_path, [],
+                                 {})["stage_fingerprint"]
+
+    now = fp()
+    monkeypatch.setattr(SASRec, "artifacts_version", SASRec.artifacts_version + 1)
+    later = fp()
+    monkeypatch.delattr(SASRec, "artifacts_version")
+    assert len({now, later, fp()}) == 3
+
+
 def test_fingerprint_follows_the_data_files_contents(tmp_path):
     from cli import stage_fingerprint
 
