@@ -19,8 +19,9 @@ with it, so a trained sft stage can be tested both ways without training again:
    on the sft stage's data with ``user_scid_refresh`` off (which must reproduce the stage's
    test metrics) and on.
 
-Prints per seed and pooled: test N@10 / R@10 both ways and the paired difference over the
-test users (seeds pooled, bootstrap 95% interval); ``--json`` writes the same. Validation
+Prints per seed and pooled: test N@10 / R@10 both ways, and the paired differences over the
+test users (seeds pooled, bootstrap 95% interval) of refreshed against fixed and of both
+against the runs' own sasrec stage; ``--json`` writes the same. Validation
 is the same both ways by construction, so it cannot choose between them. Any
 ``--trainer.*``/``--model.*``/``--data.*`` flag the runs were made with goes to every stage,
 as with ``cli.py pipeline``.
@@ -139,7 +140,11 @@ def main() -> int:
 
     import numpy as np
 
-    from lightning_modules.components.statistics import paired_bootstrap, per_user_metrics
+    from lightning_modules.components.statistics import (
+        paired_bootstrap,
+        per_user_metrics,
+        t_interval,
+    )
 
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -154,26 +159,54 @@ def main() -> int:
             done.write_text(json.dumps(result))
         results.append(json.loads(done.read_text()))
         print(json.dumps(results[-1]), flush=True)
-    pooled = {}
-    fixed, fresh = ([per_user_metrics(np.load(out / f"seed{s}" /
-                                              f"ranks_test_{args.stage}_{key}.npy"))
-                     for s in seeds] for key in ("fixed", "refreshed"))
-    for metric in ("ndcg@10", "recall@10", "ndcg@5", "recall@5"):
-        pooled[metric] = paired_bootstrap(np.concatenate([f[metric] for f in fresh]),
-                                          np.concatenate([f[metric] for f in fixed]),
-                                          resamples=args.resamples, seed=0)
-    print("\n| seed | test N@10 fixed | refreshed | test R@10 fixed | refreshed | users whose "
-          "test SCID moved |\n|---|---|---|---|---|---|")
-    for r in results:
+    def metrics_of(path: Path) -> dict:
+        return per_user_metrics(np.load(path))
+
+    per_key = {key: [metrics_of(out / f"seed{s}" / f"ranks_test_{args.stage}_{key}.npy")
+                     for s in seeds] for key in ("fixed", "refreshed")}
+    # The runs' own sasrec stage, user by user (the same split rows, in the same order).
+    per_key["sasrec"] = [metrics_of(out / f"seed{s}" / "sasrec" / "ranks_test.npy")
+                         for s in seeds]
+
+    def pooled(a: str, b: str) -> dict:
+        return {metric: paired_bootstrap(np.concatenate([m[metric] for m in per_key[a]]),
+                                         np.concatenate([m[metric] for m in per_key[b]]),
+                                         resamples=args.resamples, seed=0)
+                for metric in ("ndcg@10", "recall@10", "ndcg@5", "recall@5")}
+
+    # The spread between training runs: the t-interval of the per-seed mean differences.
+    over_seeds = {metric: t_interval([float(a[metric].mean() - b[metric].mean()) for a, b in
+                                      zip(per_key["refreshed"], per_key["fixed"])])
+                  for metric in ("ndcg@10", "recall@10")}
+    paired = {"refreshed-fixed": pooled("refreshed", "fixed"),
+              "fixed-sasrec": pooled("fixed", "sasrec"),
+              "refreshed-sasrec": pooled("refreshed", "sasrec")}
+    means = {key: {metric: float(np.mean([m[metric].mean() for m in per_key[key]]))
+                   for metric in ("ndcg@10", "recall@10")} for key in per_key}
+    print(f"\n{args.stage} stage, test split:\n| seed | N@10 fixed | N@10 refreshed | R@10 fixed "
+          "| R@10 refreshed | sasrec N@10 | users whose test SCID moved |\n"
+          "|---|---|---|---|---|---|---|")
+    for i, r in enumerate(results):
         print(f"| {r['seed']} | {r['fixed']['ndcg@10']:.4f} | {r['refreshed']['ndcg@10']:.4f} | "
               f"{r['fixed']['recall@10']:.4f} | {r['refreshed']['recall@10']:.4f} | "
+              f"{per_key['sasrec'][i]['ndcg@10'].mean():.4f} | "
               f"{r['users_with_new_test_scid']:.1%} |")
-    print("\nrefreshed - fixed, test users of all seeds pooled (bootstrap 95%):")
-    for metric, b in pooled.items():
-        print(f"  {metric}: {b['mean_diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}], "
-              f"p = {b['p_value']:.3f}")
+    print("| mean | " + " | ".join(f"{means[k][m]:.4f}" for k, m in (
+        ("fixed", "ndcg@10"), ("refreshed", "ndcg@10"), ("fixed", "recall@10"),
+        ("refreshed", "recall@10"), ("sasrec", "ndcg@10"))) + " | |")
+    print("\nPaired over the test users of all seeds pooled (bootstrap 95%):")
+    for name, table in paired.items():
+        print(f"  {name}: " + ", ".join(
+            f"{metric} {b['mean_diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]"
+            for metric, b in table.items()))
+    print("  refreshed-fixed over seeds (t-interval of the per-seed differences): " + ", ".join(
+        f"{metric} {t['mean']:+.4f} " + (f"[{t['low']:+.4f}, {t['high']:+.4f}]"
+                                          if t["low"] is not None else "(one seed)")
+        for metric, t in over_seeds.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"seeds": results, "paired": pooled}, indent=1))
+        Path(args.json).write_text(json.dumps({"seeds": results, "means": means,
+                                               "paired": paired, "over_seeds": over_seeds},
+                                              indent=1))
     return 0
 
 
