@@ -247,6 +247,7 @@ def export_stage(trainer: L.Trainer, model: L.LightningModule, seconds: float | 
     if provenance:
         record.update(provenance)
     record.setdefault("commit", _commit_once())  # the code that made it (not in the fingerprint)
+    record.setdefault("packages", package_versions())  # and the installed libraries it ran on
     folder = stage_dir(run_dir, _stage_name(model))
     for leftover in (LAST_FILE, PARTIAL_FILE):  # resume state, done with
         (folder / "checkpoints" / leftover).unlink(missing_ok=True)
@@ -789,6 +790,26 @@ CPU threads: half the usable cores (at most 4) unless ALIGN3GR_THREADS or OMP_NU
 
 EXPERIMENT_KEYS = frozenset({"name", "seeds", "reference", "rows", "resamples", "steps"})
 ROW_KEYS = frozenset({"name", "pipeline", "stages", "compare", "flags", "stage_flags", "skip"})
+
+
+# The libraries whose versions can move a stage's numbers (the sft stage's did between two
+# installs of the same commit; README "Reproducibility across installs").
+RECORDED_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "lightning", "numpy",
+                     "sentence-transformers", "faiss-gpu", "faiss-cpu")
+
+
+@functools.cache
+def package_versions() -> dict[str, str]:
+    """``{name: version}`` of :data:`RECORDED_PACKAGES` that are installed."""
+    from importlib import metadata
+
+    out = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
 
 
 @functools.cache

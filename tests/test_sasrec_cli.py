@@ -41,6 +41,10 @@ def test_pipeline_writes_metrics_report_logs_and_embeddings(pipeline_run):
         assert 0.0 <= sas[split]["ndcg@10"] <= sas[split]["recall@10"] <= 1.0
         assert sas[split]["recall@5"] <= sas[split]["recall@10"]
     assert sas["seconds"] > 0
+    # The code and the libraries that made the stage.
+    record = json.loads((pipeline_run / "sasrec" / "stage.json").read_text())
+    assert record["commit"] and record["packages"]["torch"] == torch.__version__
+    assert set(record["packages"]) >= {"transformers", "lightning", "peft"}
     # A slice is marked as such in metrics.json and in the report.
     assert sas["evaluated_users"] == {"valid": 120, "test": 120, "of": 120, "slice": 120,
                                       "partial": True}
