@@ -188,9 +188,9 @@ def test_eval_user_refresh_retests_a_finished_run_both_ways(tmp_path):
                "--json", str(tmp_path / "r.json"), *flags)
     result = json.loads((tmp_path / "r.json").read_text())
     seed = result["seeds"][0]
-    # The shipped config tests with refreshed SCIDs; the script reproduced that (it checks).
+    # The shipped config tests with fixed SCIDs; the script reproduced that (it checks).
     recorded = json.loads((source / "sft" / "stage.json").read_text())["test"]
-    assert seed["stage_tested"] == "refreshed" and seed["refreshed"] == recorded
+    assert seed["stage_tested"] == "fixed" and seed["fixed"] == recorded
     assert set(result["paired"]) == {"refreshed-fixed", "fixed-sasrec", "refreshed-sasrec"}
     assert "| mean |" in proc.stdout
     # The original run is only read.
