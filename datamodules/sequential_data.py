@@ -119,16 +119,11 @@ class SequentialDataModule(RecDataModule):
         """Histories of *all* internal users (for exporting user embeddings) that the
         ``stage`` target follows: ``valid``: training items only; ``test``: + the validation
         item; ``predict``: + the test item (everything known)."""
-        if stage not in ("valid", "test", "predict"):
-            raise ValueError(f"stage must be 'valid', 'test' or 'predict', got {stage!r}")
         self.load()
         split = self.split
         hist = [np.empty(0, dtype=np.int64)] * self.dataset.num_users
         for row, user in enumerate(split.users):
-            if stage == "predict":
-                hist[int(user)] = np.append(split.history(row, "test"), split.test_target[row])
-            else:
-                hist[int(user)] = split.history(row, stage)
+            hist[int(user)] = split.history(row, stage)
 
         def collate(users: list[int]) -> dict[str, torch.Tensor]:
             return {"users": torch.as_tensor(users, dtype=torch.long),

@@ -223,12 +223,8 @@ class EvalDataset(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         s = self.split
-        if self.stage == "predict":
-            seen = np.append(s.seen_items(row, "test"), s.test_target[row])
-            target = -1
-        else:
-            seen = s.seen_items(row, self.stage)
-            target = int(s.target(self.stage)[row])
+        seen = s.seen_items(row, self.stage)
+        target = -1 if self.stage == "predict" else int(s.target(self.stage)[row])
         return row, target, seen
 
 

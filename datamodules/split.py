@@ -44,15 +44,19 @@ class LeaveOneOutSplit:
     def history(self, row: int, stage: str, max_history: int | None = None) -> np.ndarray:
         """History that predicts the ``stage`` target of the ``row``-th kept user.
 
-        ``valid``: all training items; ``test``: training items + the validation item.
+        ``valid``: all training items; ``test``: training items + the validation item;
+        ``predict``: + the test item (everything known, what a recommendation now follows).
         Truncated to the most recent ``max_history`` items when given.
         """
         if stage == "valid":
             hist = self.train_items[row]
         elif stage == "test":
             hist = np.append(self.train_items[row], self.valid_target[row])
+        elif stage == "predict":
+            hist = np.append(self.train_items[row],
+                             [self.valid_target[row], self.test_target[row]])
         else:
-            raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
+            raise ValueError(f"stage must be 'valid', 'test' or 'predict', got {stage!r}")
         if max_history is not None and max_history > 0:
             hist = hist[-max_history:]
         return hist

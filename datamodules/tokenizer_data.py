@@ -39,12 +39,24 @@ from lightning_modules.components.artifacts import (
     read_stage,
     stage_dir,
 )
+from lightning_modules.components.scid_map import REFRESHED_SPLITS
 from lightning_modules.components.text_encoder import TextEncoder
 from lightning_modules.components.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
 SASREC_STAGE = "sasrec"
+
+
+def _embedding_file(path, rows: int, width: int | None = None) -> Tensor:
+    """A sasrec embedding file as a float ``[rows, width]`` tensor (any width when None)."""
+    emb = load_tensor(path, SASREC_STAGE, "SASRec embeddings (a float tensor file)")
+    if not isinstance(emb, Tensor) or emb.dim() != 2 or emb.shape[0] != rows or \
+            (width is not None and emb.shape[1] != width):
+        shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+        raise ValueError(f"{path}: expected a float tensor [{rows}, {width or 'd'}], "
+                         f"got {shape}")
+    return emb.float()
 
 
 def load_collaborative_embeddings(run_dir: str, dataset: str, num_items: int,
@@ -71,11 +83,7 @@ def load_collaborative_embeddings(run_dir: str, dataset: str, num_items: int,
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing although {marker} exists; rerun the "
                                     "'sasrec' stage")
-        emb = load_tensor(path, SASREC_STAGE, "SASRec embeddings (a float tensor file)")
-        if not isinstance(emb, Tensor) or emb.dim() != 2 or emb.shape[0] != rows:
-            shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
-            raise ValueError(f"{path}: expected a float tensor [{rows}, d], got {shape}")
-        tensors.append(emb.float())
+        tensors.append(_embedding_file(path, rows))
     if tensors[0].shape[1] != tensors[1].shape[1]:
         raise ValueError(f"{folder}: item and user embeddings differ in width "
                          f"({tensors[0].shape[1]} vs {tensors[1].shape[1]})")
@@ -93,13 +101,7 @@ def load_refreshed_user_embeddings(run_dir: str, num_users: int,
         path = folder / name
         if split == "valid" or not path.exists():
             continue
-        emb = load_tensor(path, SASREC_STAGE, "SASRec user embeddings (a float tensor file)")
-        if not isinstance(emb, Tensor) or emb.dim() != 2 or tuple(emb.shape) != (num_users,
-                                                                                 width):
-            shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
-            raise ValueError(f"{path}: expected a float tensor [{num_users}, {width}], "
-                             f"got {shape}")
-        out[split] = emb.float()
+        out[split] = _embedding_file(path, num_users, width)
     return out
 
 
@@ -158,7 +160,7 @@ class TokenizerDataModule(RecDataModule):
             return
         data, split = self.dataset, self.split
         blocks_items, blocks_users, used = [], [], []
-        refreshed: dict[str, list[Tensor]] | None = {"test": [], "predict": []}
+        refreshed: dict[str, list[Tensor]] | None = {s: [] for s in REFRESHED_SPLITS}
         if self.features in ("both", "semantic"):
             if data.item_features is None:
                 if self.features == "semantic":
@@ -229,7 +231,7 @@ class TokenizerDataModule(RecDataModule):
 
     def _semantic(self) -> tuple[Tensor, Tensor]:
         """Text embeddings ``[num_items, E]`` and ``[num_users, E]``."""
-        data, split = self.dataset, self.split
+        data = self.dataset
         for kind, fields, feats in (("item", self.item_text_fields, data.item_features),
                                     ("user", self.user_text_fields, data.user_features)):
             if fields is None or feats is None:
@@ -250,22 +252,19 @@ class TokenizerDataModule(RecDataModule):
                                         for u in range(data.num_users)], desc="user profiles")
         if users is None:
             # No profiles: a user reads like the mean of the texts of its training items.
-            users = torch.zeros(data.num_users, items.shape[1])
-            for user, hist in zip(split.users, split.train_items):
-                if len(hist):
-                    users[user] = items[torch.as_tensor(hist)].mean(0)
+            users = self._mean_item_texts(items, "valid")
         return items, users
 
     def _mean_item_texts(self, item_text: Tensor, stage: str) -> Tensor:
         """``[num_users, E]``: per user, the mean text vector of the items of the ``stage``
-        history (``test``: training + validation items; ``predict``: + the test item)."""
+        history (``valid``: training items; ``test``: + the validation item; ``predict``: +
+        the test item); zeros for a user without items."""
         split = self.split
         users = torch.zeros(self.dataset.num_users, item_text.shape[1])
         for row, user in enumerate(split.users):
-            hist = split.history(row, "test")
-            if stage == "predict":
-                hist = np.append(hist, split.test_target[row])
-            users[user] = item_text[torch.as_tensor(hist)].mean(0)
+            hist = split.history(row, stage)
+            if len(hist):
+                users[user] = item_text[torch.as_tensor(hist)].mean(0)
         return users
 
     def tokenizer_inputs(self) -> dict:

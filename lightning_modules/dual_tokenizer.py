@@ -118,6 +118,7 @@ class DualTokenizer(L.LightningModule):
         self.run_dir = run_dir
         self.u2i_loss = U2IAlignmentLoss(temperature)
         self.data_info: dict = {}
+        self.user_x_refreshed: dict[str, Tensor] = {}  # later splits' user inputs (export only)
         self.fusion: nn.ModuleDict | None = None
         self.quantizers: nn.ModuleDict | None = None
         if item_input_dim is not None and user_input_dim is not None:
@@ -306,13 +307,9 @@ class DualTokenizer(L.LightningModule):
         codes is 0 here (most users' value there)."""
         quantizer = self.quantizer_for("users")
         codes, distances = quantizer.encode_with_distances(self.fusion[_key("users")](user_x))
-        q_levels = codes.shape[1]
-        codes = self.collisions.resolve(codes, quantizer.codebook_sizes, distances).codes
-        codes = codes[:, :q_levels]
-        if codes.shape[1] < levels:
-            pad = codes.new_zeros(len(codes), levels - codes.shape[1])
-            codes = torch.cat([codes, pad], dim=1)
-        return codes[:, :levels]
+        resolved = self.collisions.resolve(codes, quantizer.codebook_sizes, distances).codes
+        pad = resolved.new_zeros(len(resolved), levels - codes.shape[1])
+        return torch.cat([resolved[:, :codes.shape[1]], pad], dim=1)
 
     # -- artifacts --------------------------------------------------------------------------
     def config(self) -> dict:
@@ -363,7 +360,7 @@ class DualTokenizer(L.LightningModule):
                      [round(u, 3) for u in metrics[side]["utilization"]])
         refreshed = {}
         if "users" in resolved:
-            for split, x in getattr(self, "user_x_refreshed", {}).items():
+            for split, x in self.user_x_refreshed.items():
                 refreshed[split] = self._refreshed_codes(x, resolved["users"].codes.shape[1])
         self.train(was_training)
         items, users = resolved["items"], resolved.get("users")

@@ -26,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 
 from lightning_modules.components.artifacts import (
@@ -271,7 +270,7 @@ class GenerativeRecommender(L.LightningModule):
         if self.scid_map is not None and datamodule.scid_map is not None and \
                 not torch.equal(self.scid_map.item_codes, datamodule.scid_map.item_codes):
             raise ValueError("the DataModule's SCID map differs from the model's")
-        refreshed = set(getattr(self.prompts.scid_map, "user_refreshed_codes", {}) or {})
+        refreshed = set(self.prompts.scid_map.user_refreshed_codes)
         if self.user_scid_refresh and self.prompts.inject_user and \
                 not set(REFRESHED_SPLITS) <= refreshed:
             raise ValueError(
@@ -296,11 +295,7 @@ class GenerativeRecommender(L.LightningModule):
         mh = self.prompts.max_history
         out = []
         for row in torch.as_tensor(rows).tolist():
-            if stage == "predict":
-                hist = np.append(split.history(row, "test", None), split.test_target[row])
-                hist = hist[-mh:] if mh else hist
-            else:
-                hist = split.history(row, stage, mh)
+            hist = split.history(row, stage, mh)
             out.append(self.prompts.seqrec_prompt(int(split.users[row]), hist,
                                                   refreshed_for=self.refreshed_for(stage)))
         return out
