@@ -104,6 +104,32 @@ class SequentialDataModule(RecDataModule):
         return DataLoader(ds, batch_size=self.batch_size, shuffle=True, generator=gen,
                           collate_fn=ds.collate, num_workers=self.num_workers)
 
+    def user_prefix_loader(self) -> tuple[DataLoader, torch.Tensor]:
+        """Every proper prefix of every user's training items, for the states before each
+        training target: ``(loader, offsets)``; a batch holds ``rows`` (user ``u``'s prefix of
+        length ``p`` is row ``offsets[u] + p - 1``) and ``input_ids`` (the prefix's last
+        ``max_history`` items, shifted, left-padded with 0)."""
+        self.load()
+        split, num_users = self.split, self.dataset.num_users
+        seqs: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_users
+        counts = np.zeros(num_users, dtype=np.int64)
+        for row, user in enumerate(split.users):
+            seqs[int(user)] = np.asarray(split.train_items[row], dtype=np.int64)
+            counts[int(user)] = max(0, len(split.train_items[row]) - 1)
+        offsets = torch.zeros(num_users + 1, dtype=torch.long)
+        offsets[1:] = torch.from_numpy(np.cumsum(counts))
+        specs = [(u, p) for u in range(num_users) for p in range(1, int(counts[u]) + 1)]
+        h = self.max_history
+
+        def collate(rows: list[int]) -> dict[str, torch.Tensor]:
+            hist = [seqs[specs[r][0]][max(0, specs[r][1] - h):specs[r][1]] + 1 for r in rows]
+            return {"rows": torch.as_tensor(rows, dtype=torch.long),
+                    "input_ids": pad_left(hist, h, 0)}
+
+        loader = DataLoader(list(range(len(specs))), batch_size=max(self.eval_batch_size, 1024),
+                            shuffle=False, collate_fn=collate)
+        return loader, offsets
+
     def _eval(self, stage: str) -> DataLoader:
         self.load()
         ds = EvalUsers(self.split, stage, self.max_history)

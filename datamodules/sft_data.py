@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.base import RecDataModule
+from lightning_modules.components.artifacts import USER_PREFIX_CODES_FILE, load_tensor
 from lightning_modules.components.prompts import (
     TASKS,
     PromptBuilder,
@@ -106,8 +107,9 @@ class SFTTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.specs)
 
-    def _window(self, row: int, k: int) -> tuple[list[int], int]:
-        """Items of window ``k`` of ``row`` (from the end) and the first trained position."""
+    def _window(self, row: int, k: int) -> tuple[list[int], int, int]:
+        """Items of window ``k`` of ``row`` (from the end), the first trained position in the
+        window and the window's start in the row's training items."""
         seq = self.train_items[row]
         n = len(seq)
         # The most recent items (k = 0) always train: they are closest to the held-out targets.
@@ -116,7 +118,7 @@ class SFTTrainDataset(Dataset):
         start = max(0, end + 1 - self.window)
         items = seq[start:end + 1]
         first = 1 if start == 0 else self.min_ctx
-        return [int(i) for i in items], first
+        return [int(i) for i in items], first, start
 
     def __getitem__(self, i: int):
         task, spec = self.specs[i]
@@ -126,11 +128,11 @@ class SFTTrainDataset(Dataset):
             row, k = spec
             user = int(users[row])
             if self.seqrec_mode == "sequence":
-                items, first = self._window(row, k)
-                return p.sequence_segments(user, items, first), False
+                items, first, start = self._window(row, k)
+                return p.sequence_segments(user, items, first, prefix=start + first), False
             seq = self.train_items[row]
             hist = seq[max(0, k - self.max_history):k]
-            return p.seqrec(user, hist, int(seq[k])), False
+            return p.seqrec(user, hist, int(seq[k]), prefix=k), False
         if task == "item2index":
             return p.item2index(spec), False
         if task == "index2item":
@@ -144,7 +146,7 @@ class SFTTrainDataset(Dataset):
             seq = self.train_items[row]
             j = random.randrange(1, len(seq))
             hist = seq[max(0, j - self.max_history):j]
-            segs = p.fusionseqrec(int(users[row]), hist, int(seq[j]))
+            segs = p.fusionseqrec(int(users[row]), hist, int(seq[j]), prefix=j)
             return segs, not segs[-1][0].startswith("<")
         raise AssertionError(task)
 
@@ -254,6 +256,11 @@ class SFTDataModule(RecDataModule):
         group_by_length: batch examples of similar token length together (random groups of
             ``50 x batch_size`` sorted by length). On ML-100K it removes 12% of the padded
             cells, but batches of one kind of task trained worse (README "Speed").
+        user_scid_causal: training prompts of next-item examples (seqrec, fusionseqrec) show
+            the user SCID encoded from the user's state before the first target they train
+            (the tokenizer's ``user_prefix_codes.pt``), not the one encoded after all training
+            items, which knows the targets. Evaluation prompts and the user alignment tasks
+            keep the training-history SCID.
     """
 
     reads_stages = ("tokenizer",)  # the SCID map
@@ -263,7 +270,7 @@ class SFTDataModule(RecDataModule):
                  window_min_context: int = 5, inject_user: bool = True,
                  fusion_history: int = 5, max_length: int = 256,
                  val_max_users: int | None = None, group_by_length: bool = False,
-                 **kwargs) -> None:
+                 user_scid_causal: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if val_max_users is not None and val_max_users < 1:
             raise ValueError(f"data.val_max_users must be >= 1 or null, got {val_max_users}")
@@ -277,6 +284,7 @@ class SFTDataModule(RecDataModule):
         self.fusion_history = fusion_history
         self.max_length = max_length
         self.val_max_users = val_max_users
+        self.user_scid_causal = bool(user_scid_causal)
         self.scid_map: SCIDMap | None = None
         self.prompts: PromptBuilder | None = None
         self.tokenizer = None
@@ -298,6 +306,29 @@ class SFTDataModule(RecDataModule):
                 self.dataset, self.scid_map, templates, inject_user=self.inject_user,
                 max_history=self.max_history, fusion_history=self.fusion_history,
                 seqrec_mode=self.seqrec_mode)
+            if self.user_scid_causal and self.prompts.inject_user:
+                self.prompts.use_prefix_user_codes(*self._prefix_user_codes())
+
+    def _prefix_user_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.scid_path() / USER_PREFIX_CODES_FILE
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path}: data.init_args.user_scid_causal=true needs the tokenizer stage's "
+                "user codes before every training target; rerun the sasrec and tokenizer "
+                "stages with this version to export them")
+        blob = load_tensor(path, "tokenizer", "user prefix codes (codes and offsets)")
+        codes = blob.get("codes") if isinstance(blob, dict) else None
+        offsets = blob.get("offsets") if isinstance(blob, dict) else None
+        if not isinstance(codes, torch.Tensor) or not isinstance(offsets, torch.Tensor):
+            raise ValueError(f"{path}: expected {{'codes': [P, L], 'offsets': [U + 1]}}")
+        counts = offsets.diff()
+        for row, user in enumerate(self.split.users):
+            if int(counts[int(user)]) != max(0, len(self.split.train_items[row]) - 1):
+                raise ValueError(f"{path}: user {int(user)} has {int(counts[int(user)])} "
+                                 "prefix codes, but this split gives it "
+                                 f"{len(self.split.train_items[row])} training items: the "
+                                 "codes belong to other data")
+        return codes, offsets
 
     def attach_tokenizer(self, tokenizer) -> None:
         """The model hands over its tokenizer (it owns it; the collator needs it)."""

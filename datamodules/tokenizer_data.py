@@ -35,6 +35,7 @@ from datamodules.base import RecDataModule
 from datamodules.schema import DataError
 from lightning_modules.components.artifacts import (
     USER_EMBEDDING_FILES,
+    USER_PREFIX_EMBEDDING_FILE,
     load_tensor,
     read_stage,
     stage_dir,
@@ -105,6 +106,25 @@ def load_refreshed_user_embeddings(run_dir: str, num_users: int,
     return out
 
 
+def load_prefix_user_embeddings(run_dir: str, num_users: int,
+                                 width: int) -> tuple[Tensor, Tensor] | None:
+    """The sasrec stage's user states before every training target, ``(states [P, d],
+    offsets [num_users + 1])`` (see :data:`USER_PREFIX_EMBEDDING_FILE`); None from a sasrec
+    stage made before it exported them."""
+    path = stage_dir(run_dir, SASREC_STAGE) / USER_PREFIX_EMBEDDING_FILE
+    if not path.exists():
+        return None
+    blob = load_tensor(path, SASREC_STAGE, "SASRec prefix states (states and offsets)")
+    states = blob.get("states") if isinstance(blob, dict) else None
+    offsets = blob.get("offsets") if isinstance(blob, dict) else None
+    if not isinstance(states, Tensor) or not isinstance(offsets, Tensor) or \
+            states.dim() != 2 or states.shape[1] != width or offsets.dim() != 1 or \
+            len(offsets) != num_users + 1 or int(offsets[-1]) != states.shape[0]:
+        raise ValueError(f"{path}: expected {{'states': float [P, {width}], 'offsets': "
+                         f"long [{num_users + 1}]}} with offsets[-1] == P")
+    return states.float(), offsets.long()
+
+
 class TokenizerDataModule(RecDataModule):
     """Inputs and U2I pairs of the tokenizer stage (see the module docstring).
 
@@ -151,6 +171,10 @@ class TokenizerDataModule(RecDataModule):
         # The same users' inputs from the later splits' histories (test, predict), when every
         # block has them: the tokenizer exports refreshed user SCIDs from these.
         self.user_x_refreshed: dict[str, Tensor] = {}
+        # The users' inputs before every training target (prefix rows, ``offsets`` per user;
+        # see USER_PREFIX_EMBEDDING_FILE): the tokenizer exports causal user codes from these.
+        self.user_x_prefix: Tensor | None = None
+        self.user_prefix_offsets: Tensor | None = None
         self.info: dict = {}
 
     # -- features ---------------------------------------------------------------------------
@@ -161,6 +185,7 @@ class TokenizerDataModule(RecDataModule):
         data, split = self.dataset, self.split
         blocks_items, blocks_users, used = [], [], []
         refreshed: dict[str, list[Tensor]] | None = {s: [] for s in REFRESHED_SPLITS}
+        prefix_blocks: list[tuple[Tensor, bool]] | None = []  # (block, one row per user)
         if self.features in ("both", "semantic"):
             if data.item_features is None:
                 if self.features == "semantic":
@@ -176,6 +201,8 @@ class TokenizerDataModule(RecDataModule):
                 for later, blocks in refreshed.items():
                     blocks.append(sem_users if data.user_features is not None
                                   else self._mean_item_texts(sem_items, later))
+                prefix_blocks.append((sem_users, True) if data.user_features is not None
+                                     else (self._prefix_mean_item_texts(sem_items), False))
         if self.features in ("both", "collaborative"):
             if self.run_dir is None:
                 raise ValueError("the tokenizer's collaborative features come from the 'sasrec' "
@@ -194,6 +221,14 @@ class TokenizerDataModule(RecDataModule):
                 log.info("the sasrec stage exported no user states after the later splits' "
                          "histories: no refreshed user SCIDs")
                 refreshed = None
+            prefix = load_prefix_user_embeddings(self.run_dir, data.num_users, users.shape[1])
+            if prefix is None:
+                log.info("the sasrec stage exported no user states before the training "
+                         "targets: no causal user SCIDs")
+                prefix_blocks = None
+            else:
+                prefix_blocks.append((prefix[0], False))
+                self.user_prefix_offsets = prefix[1]
             self.info["sasrec_fingerprint"] = sasrec_info.get("fingerprint", "")
         # Zero rows (users without training items) stay zero under F.normalize.
         weights = [self.collaborative_weight if name == "collaborative" and len(used) > 1
@@ -205,6 +240,12 @@ class TokenizerDataModule(RecDataModule):
         self.user_x_refreshed = {} if refreshed is None else {
             later: torch.cat([w * F.normalize(b, dim=1) for w, b in zip(weights, blocks)], dim=1)
             for later, blocks in refreshed.items()}
+        if prefix_blocks and self.user_prefix_offsets is not None:
+            counts = self.user_prefix_offsets.diff()
+            owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+            self.user_x_prefix = torch.cat(
+                [w * F.normalize(b[owner] if per_user else b, dim=1)
+                 for w, (b, per_user) in zip(weights, prefix_blocks)], dim=1)
 
         pair_users = np.concatenate([np.full(len(items), user) for user, items
                                      in zip(split.users, split.train_items)]).astype(np.int64)
@@ -267,11 +308,26 @@ class TokenizerDataModule(RecDataModule):
                 users[user] = item_text[torch.as_tensor(hist)].mean(0)
         return users
 
+    def _prefix_mean_item_texts(self, item_text: Tensor) -> Tensor:
+        """``[P, E]``: per prefix row, the mean text vector of the prefix's items (what
+        :meth:`_mean_item_texts` gives the whole training history)."""
+        split = self.split
+        rows = [item_text.new_zeros(0, item_text.shape[1])] * self.dataset.num_users
+        for row, user in enumerate(split.users):
+            items = np.asarray(split.train_items[row], dtype=np.int64)
+            if len(items) < 2:
+                continue
+            sums = item_text[torch.from_numpy(items[:-1])].cumsum(0)
+            rows[int(user)] = sums / torch.arange(1, len(items)).unsqueeze(1)
+        return torch.cat(rows)
+
     def tokenizer_inputs(self) -> dict:
         """What :class:`~lightning_modules.dual_tokenizer.DualTokenizer` needs from the data."""
         self.setup()
         return {"item_x": self.item_x, "user_x": self.user_x, "data_info": dict(self.info),
-                "user_x_refreshed": dict(self.user_x_refreshed)}
+                "user_x_refreshed": dict(self.user_x_refreshed),
+                "user_x_prefix": self.user_x_prefix,
+                "user_prefix_offsets": self.user_prefix_offsets}
 
     # -- loaders ----------------------------------------------------------------------------
     def sample_negatives(self, users: Tensor) -> tuple[Tensor, Tensor]:

@@ -28,7 +28,13 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.components.artifacts import atomic_write_json, fingerprint, stage_dir
+from lightning_modules.components.artifacts import (
+    USER_PREFIX_CODES_FILE,
+    atomic_torch_save,
+    atomic_write_json,
+    fingerprint,
+    stage_dir,
+)
 from lightning_modules.components.collisions import CollisionResolver, collision_rate
 from lightning_modules.components.quantizer import Quantizer, code_statistics
 from lightning_modules.components.rqvae import RQVAE, mlp
@@ -84,8 +90,9 @@ class DualTokenizer(L.LightningModule):
 
     stage_name = STAGE  # the run-directory folder the CLI and the pipeline use
 
-    # 2: the users' refreshed codes in the SCID map (SCIDMap.user_refreshed_codes).
-    artifacts_version = 2
+    # 2: the users' refreshed codes in the SCID map (SCIDMap.user_refreshed_codes); 3: and
+    # their codes before every training target (USER_PREFIX_CODES_FILE).
+    artifacts_version = 3
     # A killed tokenizer stage starts over (it is the shortest stage): part of the quantizers'
     # training state (dead-code counters, the k-means initialisation) is not in a checkpoint.
     resumable = False
@@ -119,6 +126,8 @@ class DualTokenizer(L.LightningModule):
         self.u2i_loss = U2IAlignmentLoss(temperature)
         self.data_info: dict = {}
         self.user_x_refreshed: dict[str, Tensor] = {}  # later splits' user inputs (export only)
+        self.user_x_prefix: Tensor | None = None  # inputs before each training target (export)
+        self.user_prefix_offsets: Tensor | None = None
         self.fusion: nn.ModuleDict | None = None
         self.quantizers: nn.ModuleDict | None = None
         if item_input_dim is not None and user_input_dim is not None:
@@ -148,12 +157,17 @@ class DualTokenizer(L.LightningModule):
         self.hparams["user_input_dim"] = user_dim
 
     def attach_data(self, item_x: Tensor, user_x: Tensor, data_info: dict | None = None,
-                    user_x_refreshed: dict[str, Tensor] | None = None) -> None:
+                    user_x_refreshed: dict[str, Tensor] | None = None,
+                    user_x_prefix: Tensor | None = None,
+                    user_prefix_offsets: Tensor | None = None) -> None:
         """Give the module every entity's input vectors (``[num_items, D_i]``,
         ``[num_users, D_u]``). The Trainer does this in :meth:`setup` from the DataModule.
         ``user_x_refreshed``: the users' inputs from the later splits' histories
         (``{"test": [num_users, D_u], "predict": ...}``); the export encodes them into
-        refreshed user SCIDs. They take no part in training."""
+        refreshed user SCIDs. ``user_x_prefix`` ``[P, D_u]`` with ``user_prefix_offsets``
+        ``[num_users + 1]``: the users' inputs before every training target; the export
+        encodes them into causal user codes (:data:`USER_PREFIX_CODES_FILE`). Neither takes
+        part in training."""
         if self.fusion is None:
             self._build(item_x.shape[1], user_x.shape[1])
         expected = (self.hparams["item_input_dim"], self.hparams["user_input_dim"])
@@ -170,6 +184,15 @@ class DualTokenizer(L.LightningModule):
                 raise ValueError(f"user_x_refreshed[{split!r}] has shape {tuple(x.shape)}, "
                                  f"expected the user inputs' {tuple(user_x.shape)}")
             self.user_x_refreshed[split] = x.to(self.device)
+        self.user_x_prefix = self.user_prefix_offsets = None
+        if user_x_prefix is not None:
+            if user_prefix_offsets is None or user_x_prefix.shape[1] != user_x.shape[1] or \
+                    len(user_prefix_offsets) != len(user_x) + 1 or \
+                    int(user_prefix_offsets[-1]) != len(user_x_prefix):
+                raise ValueError(f"user_x_prefix {tuple(user_x_prefix.shape)} does not fit "
+                                 f"the user inputs {tuple(user_x.shape)} and its offsets")
+            self.user_x_prefix = user_x_prefix.to(self.device)
+            self.user_prefix_offsets = user_prefix_offsets.long().cpu()
         self.data_info = dict(data_info or {})
 
     def setup(self, stage: str) -> None:
@@ -311,6 +334,19 @@ class DualTokenizer(L.LightningModule):
         pad = resolved.new_zeros(len(resolved), levels - codes.shape[1])
         return torch.cat([resolved[:, :codes.shape[1]], pad], dim=1)
 
+    def _prefix_codes(self, levels: int) -> Tensor:
+        """Codes ``[P, levels]`` of the users' inputs before every training target: the
+        quantizer's nearest codes, without collision handling (many prefixes of one user share
+        a code, and balancing them against each other would only move them off their nearest
+        codewords); a de-duplication level is 0."""
+        quantizer = self.quantizer_for("users")
+        fuse = self.fusion[_key("users")]
+        parts = [quantizer.encode(fuse(x)).cpu().long()
+                 for x in self.user_x_prefix.split(65536)]
+        codes = torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.long)
+        pad = codes.new_zeros(len(codes), levels - codes.shape[1])
+        return torch.cat([codes, pad], dim=1)
+
     # -- artifacts --------------------------------------------------------------------------
     def config(self) -> dict:
         """JSON-able description of the model's settings (for the fingerprint)."""
@@ -362,6 +398,10 @@ class DualTokenizer(L.LightningModule):
         if "users" in resolved:
             for split, x in self.user_x_refreshed.items():
                 refreshed[split] = self._refreshed_codes(x, resolved["users"].codes.shape[1])
+        prefix_codes = None
+        if "users" in resolved and self.user_x_prefix is not None:
+            levels = resolved["users"].codes.shape[1]
+            prefix_codes = self._prefix_codes(levels)
         self.train(was_training)
         items, users = resolved["items"], resolved.get("users")
         scid_map = SCIDMap(
@@ -374,5 +414,10 @@ class DualTokenizer(L.LightningModule):
             user_refreshed_codes=refreshed)
         out_dir = Path(stage_dir(self.run_dir, self.stage_name))
         scid_map.save(out_dir)
+        if prefix_codes is not None:
+            atomic_torch_save({"codes": prefix_codes.cpu(), "offsets": self.user_prefix_offsets},
+                              out_dir / USER_PREFIX_CODES_FILE)
+        else:  # no stale file from an earlier export of this stage
+            (out_dir / USER_PREFIX_CODES_FILE).unlink(missing_ok=True)
         atomic_write_json(out_dir / STATS_FILE, stats)
         return metrics

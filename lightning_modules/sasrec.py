@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_modules.components.artifacts import (
     USER_EMBEDDING_FILES,
+    USER_PREFIX_EMBEDDING_FILE,
     atomic_torch_save,
     atomic_write_json,
 )
@@ -89,9 +90,10 @@ class SASRec(CatalogueScoringEval, L.LightningModule):
 
     stage_name = "sasrec"
 
-    # 2: the users' states after the test and predict histories too (stages made before
-    # lack them, so their fingerprints differ and pipelines recompute them).
-    artifacts_version = 2
+    # 2: the users' states after the test and predict histories too; 3: and before every
+    # training target (USER_PREFIX_EMBEDDING_FILE). Stages made before lack them, so their
+    # fingerprints differ and pipelines recompute them.
+    artifacts_version = 3
 
     def __init__(self, num_items: int = 0, max_history: int = 20, hidden_size: int = 64,
                  num_layers: int = 2, num_heads: int = 2, dropout: float = 0.2,
@@ -193,11 +195,19 @@ class SASRec(CatalogueScoringEval, L.LightningModule):
                 enc[(ids == 0).all(dim=1).cpu()] = 0.0  # no items: no signal
                 emb[batch["users"]] = enc
             users[stage] = emb
+        # And the state before every training target (causal user SCIDs for training prompts).
+        loader, offsets = dm.user_prefix_loader()
+        prefix = torch.zeros(int(offsets[-1]), self.hparams.hidden_size)
+        for batch in loader:
+            ids = batch["input_ids"].to(self.device)
+            prefix[batch["rows"]] = self.encode_users(ids).float().cpu()
         items = self.encoder.item_weights().detach().float().cpu().clone()
         self.train(was_training)
         atomic_torch_save(items, out / "item_embeddings.pt")
         for stage, name in USER_EMBEDDING_FILES.items():
             atomic_torch_save(users[stage], out / name)
+        atomic_torch_save({"states": prefix, "offsets": offsets},
+                          out / USER_PREFIX_EMBEDDING_FILE)
         info = {"dataset": dm.dataset.name, "num_items": dm.num_items,
                 "num_users": dm.num_users, "embedding_dim": self.hparams.hidden_size}
         atomic_write_json(out / "embeddings.json", info)

@@ -21,6 +21,14 @@ STAGE_MARKER = "stage.json"
 # training items, "test" after the validation item too, "predict" after every known item.
 USER_EMBEDDING_FILES = {"valid": "user_embeddings.pt", "test": "user_embeddings_test.pt",
                         "predict": "user_embeddings_predict.pt"}
+# The sasrec stage's user state before every training target (the state after each proper
+# prefix of the training items), and the tokenizer's user codes of those states: the user SCID
+# a training prompt can show without encoding the items it trains on (SFT
+# ``user_scid_causal``). Both files hold ``{"<states|codes>": [P, ...], "offsets": [U + 1]}``:
+# user ``u``'s prefix of length ``p`` (1 <= p < its number of training items) is row
+# ``offsets[u] + p - 1``.
+USER_PREFIX_EMBEDDING_FILE = "user_prefix_embeddings.pt"
+USER_PREFIX_CODES_FILE = "user_prefix_codes.pt"
 
 
 class ArtifactError(ValueError):

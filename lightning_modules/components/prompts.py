@@ -108,6 +108,7 @@ class PromptBuilder:
         self._refreshed_user_str = {
             split: [scid_map.user_string(u, split) for u in range(scid_map.num_users)]
             for split in scid_map.user_refreshed_codes}
+        self._prefix_codes: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes, offsets)
         sep = self.templates.get("history_separator", "")
         self._sep = sep if sep is not None else ""
 
@@ -115,21 +116,44 @@ class PromptBuilder:
     def item_scid(self, item: int) -> str:
         return self._item_str[int(item)]
 
-    def user_scid(self, user: int, refreshed_for: str | None = None) -> str:
+    def use_prefix_user_codes(self, codes: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Training prompts that name a prefix (``prefix=p``: the history before the target is
+        the user's first ``p`` training items) show the user SCID of the codes
+        ``codes[offsets[user] + p - 1]`` (the tokenizer's causal user codes, see
+        :data:`~lightning_modules.components.artifacts.USER_PREFIX_CODES_FILE`)."""
+        if codes.dim() != 2 or codes.shape[1] != self.scid_map.user_levels or \
+                len(offsets) != self.scid_map.num_users + 1 or int(offsets[-1]) != len(codes):
+            raise ValueError(f"prefix user codes {tuple(codes.shape)} with {len(offsets)} "
+                             f"offsets do not fit this SCID map ({self.scid_map.num_users} "
+                             f"users, {self.scid_map.user_levels} levels)")
+        self._prefix_codes = (codes.long(), offsets.long())
+
+    def user_scid(self, user: int, refreshed_for: str | None = None,
+                  prefix: int | None = None) -> str:
         """The user's SCID; ``refreshed_for`` (``"test"``, ``"predict"``): the one re-encoded
-        from that split's history (:attr:`SCIDMap.user_refreshed_codes`)."""
+        from that split's history (:attr:`SCIDMap.user_refreshed_codes`); ``prefix``: the one
+        encoded before the user's training item ``prefix`` when prefix codes are in use
+        (:meth:`use_prefix_user_codes`; otherwise the training-history one)."""
         if self._user_str is None:
             raise ValueError("the SCID map has no user codes")
+        if prefix is not None and self._prefix_codes is not None:
+            codes, offsets = self._prefix_codes
+            row = int(offsets[int(user)]) + int(prefix) - 1
+            if not int(offsets[int(user)]) <= row < int(offsets[int(user) + 1]):
+                raise IndexError(f"user {user} has no training prefix of length {prefix}")
+            return "".join(f"<{self.scid_map.user_prefixes[lvl]}_{int(c)}>"
+                           for lvl, c in enumerate(codes[row]))
         if refreshed_for is None:
             return self._user_str[int(user)]
         if refreshed_for not in self._refreshed_user_str:
             self.scid_map.user_string(int(user), refreshed_for)  # raises, naming what is missing
         return self._refreshed_user_str[refreshed_for][int(user)]
 
-    def user_phrase(self, user: int, refreshed_for: str | None = None) -> str:
+    def user_phrase(self, user: int, refreshed_for: str | None = None,
+                    prefix: int | None = None) -> str:
         if self.inject_user:
             return self.templates["user_with_id"].format(
-                user_id=self.user_scid(user, refreshed_for))
+                user_id=self.user_scid(user, refreshed_for, prefix))
         return self.templates["user_without_id"]
 
     def history_string(self, history: Sequence[int]) -> str:
@@ -203,20 +227,25 @@ class PromptBuilder:
         return self.wrap(text)
 
     def seqrec(self, user: int, history: Sequence[int], target: int,
-               rng: random.Random | None = None) -> Segments:
-        """Per-prefix seqrec example (the paper's form): instruction -> next item SCID."""
+               rng: random.Random | None = None, prefix: int | None = None) -> Segments:
+        """Per-prefix seqrec example (the paper's form): instruction -> next item SCID.
+        ``prefix``: the target's position in the user's training items (its user SCID, see
+        :meth:`user_scid`)."""
         text = self._pick("seqrec", rng, None).format(
-            user=self.user_phrase(user), history=self.history_string(history))
+            user=self.user_phrase(user, prefix=prefix), history=self.history_string(history))
         return [(self.wrap(text), False), (self.item_scid(target), True)]
 
-    def sequence_segments(self, user: int, items: Sequence[int], first_trained: int) -> Segments:
+    def sequence_segments(self, user: int, items: Sequence[int], first_trained: int,
+                          prefix: int | None = None) -> Segments:
         """One-pass form: prefix, then each item's SCID; items from ``first_trained`` on train.
 
         The model sees at item ``j`` exactly the prompt :meth:`seqrec_prompt` would build for
         history ``items[:j]`` (when the window holds at most ``max_history`` earlier items).
+        ``prefix``: the first trained item's position in the user's training items (its user
+        SCID, see :meth:`user_scid`).
         """
-        prefix = self.templates["sequence"].format(user=self.user_phrase(user))
-        segs: Segments = [(prefix, False)]
+        head = self.templates["sequence"].format(user=self.user_phrase(user, prefix=prefix))
+        segs: Segments = [(head, False)]
         for j, item in enumerate(items):
             text = self._item_str[int(item)]
             if j and self._sep:
@@ -242,16 +271,18 @@ class PromptBuilder:
         return [(self.wrap(text), False), (" " + self.user_profile(user), True)]
 
     def fusionseqrec(self, user: int, history: Sequence[int], target: int,
-                     rng: random.Random | None = None) -> Segments:
-        """Half the time history SCIDs -> next title, otherwise history titles -> next SCID."""
+                     rng: random.Random | None = None, prefix: int | None = None) -> Segments:
+        """Half the time history SCIDs -> next title, otherwise history titles -> next SCID.
+        ``prefix``: as in :meth:`seqrec`."""
         rng = rng or random
         if rng.random() < 0.5:
             text = self._pick("fusionseqrec_title", rng, None).format(
-                user=self.user_phrase(user), history=self.history_string(history))
+                user=self.user_phrase(user, prefix=prefix),
+                history=self.history_string(history))
             return [(self.wrap(text), False), (" " + self.item_title(target), True)]
         titles = ", ".join(self.item_title(i) for i in list(history)[-self.fusion_history:])
         text = self._pick("fusionseqrec_index", rng, None).format(
-            user=self.user_phrase(user), history_titles=titles)
+            user=self.user_phrase(user, prefix=prefix), history_titles=titles)
         return [(self.wrap(text), False), (self.item_scid(target), True)]
 
     # -- a model's catalogue, for serving without the data -----------------------------------
