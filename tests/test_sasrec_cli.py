@@ -103,6 +103,14 @@ def test_user_embeddings_encode_training_history_only(pipeline_run):
     last = torch.load(pipeline_run / "sasrec" / "user_embeddings_predict.pt")
     assert torch.allclose(last[user], model.encode_users(
         pad_left([everything[-20:] + 1], 20, 0))[0], atol=1e-5)
+    # The state before each training target, for causal user SCIDs in training prompts.
+    blob = torch.load(pipeline_run / "sasrec" / "user_prefix_embeddings.pt")
+    seq = dm.split.train_items[row]
+    assert int(blob["offsets"].diff()[user]) == len(seq) - 1
+    for p in (1, len(seq) - 1):
+        expected = model.encode_users(pad_left([seq[max(0, p - 20):p] + 1], 20, 0))[0]
+        assert torch.allclose(blob["states"][int(blob["offsets"][user]) + p - 1], expected,
+                              atol=1e-5)
 
 
 def test_pipeline_skips_complete_stages(pipeline_run):
