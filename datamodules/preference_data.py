@@ -266,9 +266,11 @@ class PreferenceDataModule(SFTDataModule):
         return items[max(0, spec.position - self.max_history):spec.position]
 
     def prompt_texts(self, specs: list[PromptSpec]) -> list[str]:
-        """The seqrec prompts (evaluation template) of the training positions."""
+        """The seqrec prompts (evaluation template) of the training positions (with
+        ``user_scid_causal``, each shows the user SCID of the state before its position)."""
         self.setup()
-        return [self.prompts.seqrec_prompt(s.user, self.history(s)) for s in specs]
+        return [self.prompts.seqrec_prompt(s.user, self.history(s), prefix=s.position or None)
+                for s in specs]
 
     def beam_exclusions(self, specs: list[PromptSpec], kind: str) -> list[list[int]]:
         """Items the policy's beam search must skip: every interacted item, except the rated

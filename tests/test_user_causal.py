@@ -198,3 +198,19 @@ def test_codes_of_other_data_are_rejected(tmp_path):
     _causal_dm(tmp_path)
     with pytest.raises(ValueError, match="prefix codes, but this split gives it"):
         make_dm(tmp_path, user_scid_causal=True, max_users=60).setup()
+
+
+def test_preference_prompts_show_the_user_scid_before_their_position(tmp_path):
+    from datamodules.preference_data import PreferenceDataModule, PromptSpec
+
+    _, m = _causal_dm(tmp_path)
+    args = dict(dataset="ml-100k", run_dir=str(tmp_path), max_users=50, seed=0)
+    dm = PreferenceDataModule(user_scid_causal=True, **args)
+    dm.setup()
+    row = 2
+    user, seq = int(dm.split.users[row]), dm.split.train_items[row]
+    specs = [PromptSpec(row=row, position=p, user=user, chosen=int(seq[p])) for p in (3, 7)]
+    prompts = dm.prompt_texts(specs)
+    assert [_user_tokens(p) for p in prompts] == ["<u_3><v_0><w_0>", "<u_7><v_0><w_0>"]
+    plain = PreferenceDataModule(**args)
+    assert m.user_string(user) in plain.prompt_texts(specs)[0]

@@ -211,14 +211,15 @@ class PromptBuilder:
     # -- seqrec -----------------------------------------------------------------------------
     def seqrec_prompt(self, user: int, history: Sequence[int], template: int | None = 0,
                       rng: random.Random | None = None,
-                      refreshed_for: str | None = None) -> str:
+                      refreshed_for: str | None = None, prefix: int | None = None) -> str:
         """The prompt that asks for the next item after ``history`` (evaluation uses template 0).
 
         In ``sequence`` mode it is the one-pass prefix followed by the history SCIDs, exactly
         the context a window position sees in training. ``refreshed_for``: the user SCID
-        re-encoded from that split's history (see :meth:`user_scid`).
+        re-encoded from that split's history; ``prefix``: the one before the user's training
+        item ``prefix`` (a training position's prompt; see :meth:`user_scid`).
         """
-        user_phrase = self.user_phrase(user, refreshed_for)
+        user_phrase = self.user_phrase(user, refreshed_for, prefix)
         if self.seqrec_mode == "sequence":
             prefix = self.templates["sequence"].format(user=user_phrase)
             return prefix + self.history_string(history)
