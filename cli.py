@@ -870,6 +870,9 @@ def experiment(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="experiment directory")
     parser.add_argument("--seeds", type=int, default=None,
                         help="number of seeds (default: the YAML's, else 3)")
+    parser.add_argument("--seed_list", default=None, metavar="S1,S2,...",
+                        help="run and report exactly these seeds instead of 0..N-1, e.g. 3,4 "
+                             "to add two seeds to a 3-seed experiment in another directory")
     parser.add_argument("--rows", default=None, help="comma-separated subset of rows")
     parser.add_argument("--report_only", action="store_true",
                         help="run nothing: write results.json/.md/.png from the runs already "
@@ -914,8 +917,18 @@ def experiment(argv: list[str]) -> int:
         if missing:
             parser.error(f"--rows {missing} not in {path}")
         rows = [r for r in rows if r["name"] in wanted]
-    n_seeds = args.seeds or int(spec.get("seeds", 3))
-    seeds = list(range(n_seeds))
+    if args.seed_list is not None:
+        if args.seeds is not None:
+            parser.error("--seeds and --seed_list: give one of them")
+        try:
+            seeds = sorted({int(s) for s in args.seed_list.split(",")})
+        except ValueError:
+            seeds = []
+        if not seeds or min(seeds) < 0:
+            parser.error(f"--seed_list {args.seed_list!r}: expected comma-separated "
+                         "non-negative integers, e.g. 3,4")
+    else:
+        seeds = list(range(args.seeds or int(spec.get("seeds", 3))))
     reference = spec.get("reference") or rows[0]["name"]
     out = Path(args.out)
     started = time.perf_counter()

@@ -156,6 +156,33 @@ def test_experiment_reuses_stages_shared_by_rows(tmp_path):
     assert reported["wall_seconds"] == res["wall_seconds"]  # a report adds no wall time
 
 
+def test_experiment_seed_list_runs_exactly_those_seeds(tmp_path):
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("name: seed list\nseeds: 3\nrows:\n"
+                    "  - {name: a, pipeline: configs/ml100k/pipeline.yaml, stages: [sasrec]}\n")
+    out = tmp_path / "exp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "cli.py", "experiment", "--config", str(spec), "--out", str(out)]
+    bad = subprocess.run([*base, "--seed_list", "2,x"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--seed_list '2,x': expected comma-separated" in bad.stderr
+    both = subprocess.run([*base, "--seed_list", "2", "--seeds", "2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2 and "give one of them" in both.stderr
+    proc = subprocess.run([*base, "--seed_list", "4,2", "--data.init_args.max_users=40",
+                           "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+                           "--trainer.accelerator=cpu"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "runs" / "a").iterdir()) == ["seed2", "seed4"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [2, 4] and res["rows"]["a"]["seeds"] == [2, 4]
+    # Seed 4's run is seed 4's: its own fingerprint, and not seed 2's numbers.
+    two, four = (json.loads((out / "runs" / "a" / f"seed{k}" / "sasrec" / "stage.json")
+                            .read_text()) for k in (2, 4))
+    assert two["stage_fingerprint"] != four["stage_fingerprint"] and two["test"] != four["test"]
+
+
 def test_experiment_workers_compute_shared_stages_once(tmp_path):
     """Two worker processes, 2 rows x 2 seeds of the same stage: each seed's stage is computed
     once (the other worker waits on its lock, then copies it), every run is complete, and the
