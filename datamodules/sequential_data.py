@@ -112,12 +112,10 @@ class SequentialDataModule(RecDataModule):
         self.load()
         split, num_users = self.split, self.dataset.num_users
         seqs: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_users
-        counts = np.zeros(num_users, dtype=np.int64)
         for row, user in enumerate(split.users):
             seqs[int(user)] = np.asarray(split.train_items[row], dtype=np.int64)
-            counts[int(user)] = max(0, len(split.train_items[row]) - 1)
-        offsets = torch.zeros(num_users + 1, dtype=torch.long)
-        offsets[1:] = torch.from_numpy(np.cumsum(counts))
+        offsets = torch.from_numpy(split.prefix_offsets(num_users))
+        counts = offsets.diff()
         specs = [(u, p) for u in range(num_users) for p in range(1, int(counts[u]) + 1)]
         h = self.max_history
 

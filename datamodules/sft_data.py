@@ -321,13 +321,19 @@ class SFTDataModule(RecDataModule):
         offsets = blob.get("offsets") if isinstance(blob, dict) else None
         if not isinstance(codes, torch.Tensor) or not isinstance(offsets, torch.Tensor):
             raise ValueError(f"{path}: expected {{'codes': [P, L], 'offsets': [U + 1]}}")
-        counts = offsets.diff()
-        for row, user in enumerate(self.split.users):
-            if int(counts[int(user)]) != max(0, len(self.split.train_items[row]) - 1):
-                raise ValueError(f"{path}: user {int(user)} has {int(counts[int(user)])} "
-                                 "prefix codes, but this split gives it "
-                                 f"{len(self.split.train_items[row])} training items: the "
-                                 "codes belong to other data")
+        # Only the users of this split are checked: a slice (max_users) of the tokenized data
+        # uses the first users' codes.
+        users = torch.as_tensor(self.split.users, dtype=torch.long)
+        if len(users) and int(users.max()) >= len(offsets) - 1:
+            raise ValueError(f"{path}: offsets for {len(offsets) - 1} users, but this split "
+                             f"has user {int(users.max())}: the codes belong to other data")
+        got = offsets.long().diff()[users]
+        expected = torch.from_numpy(self.split.prefix_offsets(len(offsets) - 1)).diff()[users]
+        if not torch.equal(got, expected):
+            i = int(torch.nonzero(got != expected)[0])
+            raise ValueError(f"{path}: user {int(users[i])} has {int(got[i])} prefix codes, "
+                             f"but this split gives it {int(expected[i])} training prefixes: "
+                             "the codes belong to other data")
         return codes, offsets
 
     def attach_tokenizer(self, tokenizer) -> None:

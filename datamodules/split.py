@@ -61,6 +61,16 @@ class LeaveOneOutSplit:
             hist = hist[-max_history:]
         return hist
 
+    def prefix_offsets(self, num_users: int) -> np.ndarray:
+        """``[num_users + 1]`` int64 offsets of every user's proper training prefixes, user by
+        user (the layout of the causal user states and codes): user ``u``'s prefix of length
+        ``p`` (its first ``p`` training items, ``1 <= p < len(train)``) is row
+        ``offsets[u] + p - 1``; users without a split (dropped) own no rows."""
+        counts = np.zeros(num_users, dtype=np.int64)
+        for row, user in enumerate(self.users):
+            counts[int(user)] = max(0, len(self.train_items[row]) - 1)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
     def target(self, stage: str) -> np.ndarray:
         return self.valid_target if stage == "valid" else self.test_target
 

@@ -71,10 +71,8 @@ def _prefix_states(run_dir, same_as_users: bool):
     then be the user's unresolved codes), or random states."""
     dm = data(run_dir)
     dm.load()
-    counts = torch.zeros(dm.dataset.num_users, dtype=torch.long)
-    for row, user in enumerate(dm.split.users):
-        counts[int(user)] = len(dm.split.train_items[row]) - 1
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    offsets = torch.from_numpy(dm.split.prefix_offsets(dm.dataset.num_users))
+    counts = offsets.diff()
     users = torch.load(run_dir / "sasrec" / "user_embeddings.pt")
     states = users.repeat_interleave(counts, dim=0) if same_as_users else \
         torch.randn(int(offsets[-1]), COLLAB_DIM, generator=torch.Generator().manual_seed(2))
@@ -132,10 +130,8 @@ def _causal_dm(tmp_path, **kw):
     m.save(tmp_path / "tokenizer")
     dm = make_dm(tmp_path, **kw)
     dm.load()
-    counts = torch.zeros(m.num_users, dtype=torch.long)
-    for row, user in enumerate(dm.split.users):
-        counts[int(user)] = len(dm.split.train_items[row]) - 1
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    offsets = torch.from_numpy(dm.split.prefix_offsets(m.num_users))
+    counts = offsets.diff()
     # Prefix p of every user gets the codes (p % 12, 0, 0): the prompt names the prefix.
     p = torch.cat([torch.arange(1, int(c) + 1) for c in counts])
     codes = torch.stack([p % 12, torch.zeros_like(p), torch.zeros_like(p)], dim=1)
@@ -198,6 +194,12 @@ def test_codes_of_other_data_are_rejected(tmp_path):
     _causal_dm(tmp_path)
     with pytest.raises(ValueError, match="prefix codes, but this split gives it"):
         make_dm(tmp_path, user_scid_causal=True, max_users=60).setup()
+    # Codes of fewer users than the split has: named, not an IndexError.
+    atomic_torch_save({"codes": torch.zeros(3, 3, dtype=torch.long),
+                       "offsets": torch.tensor([0, 1, 3])},
+                      tmp_path / "tokenizer" / USER_PREFIX_CODES_FILE)
+    with pytest.raises(ValueError, match="offsets for 2 users, but this split has user"):
+        make_dm(tmp_path, user_scid_causal=True).setup()
 
 
 def test_preference_prompts_show_the_user_scid_before_their_position(tmp_path):

@@ -141,8 +141,7 @@ class PromptBuilder:
             row = int(offsets[int(user)]) + int(prefix) - 1
             if not int(offsets[int(user)]) <= row < int(offsets[int(user) + 1]):
                 raise IndexError(f"user {user} has no training prefix of length {prefix}")
-            return "".join(f"<{self.scid_map.user_prefixes[lvl]}_{int(c)}>"
-                           for lvl, c in enumerate(codes[row]))
+            return "".join(self.scid_map.user_code_tokens(codes[row]))
         if refreshed_for is None:
             return self._user_str[int(user)]
         if refreshed_for not in self._refreshed_user_str:

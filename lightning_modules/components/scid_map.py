@@ -123,7 +123,11 @@ class SCIDMap:
                                  f"{refreshed_for!r} (it has: {have}); rerun the sasrec and "
                                  "tokenizer stages with this version to export them")
             codes = self.user_refreshed_codes[refreshed_for]
-        return [f"<{self.user_prefixes[lvl]}_{int(c)}>" for lvl, c in enumerate(codes[user])]
+        return self.user_code_tokens(codes[user])
+
+    def user_code_tokens(self, codes) -> list[str]:
+        """Tokens of one row of user codes (``[user_levels]``), e.g. a causal prefix code."""
+        return [f"<{self.user_prefixes[lvl]}_{int(c)}>" for lvl, c in enumerate(codes)]
 
     def item_string(self, item: int) -> str:
         return "".join(self.item_token_list(item))
