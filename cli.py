@@ -777,6 +777,7 @@ subcommands:
   predict    write top-k recommendations with a stage's model (--ckpt_path ...)
   pipeline   run every stage of a pipeline YAML into one run directory (the main job)
   experiment run the rows of an experiment YAML with several seeds; intervals, paired tests
+  breakdown  where stages differ: per group of users (target popularity, history length)
   serve      serve a trained model over HTTP with LitServe (POST /predict, GET /health)
 
 examples:
@@ -985,6 +986,142 @@ def experiment(argv: list[str]) -> int:
     return 0
 
 
+BREAKDOWN_KEYS = ("popularity", "history")
+
+
+def breakdown(argv: list[str]) -> int:
+    """Per group of users (by the target's popularity or the history's length), each stage's
+    mean metric and its paired difference against a reference stage, seeds pooled."""
+    import numpy as np
+
+    from datamodules.base import RecDataModule
+    from datamodules.sources import dataset_digest
+    from lightning_modules.components.artifacts import atomic_write_json, read_json
+    from lightning_modules.components.breakdown import (
+        breakdown_table,
+        quantile_groups,
+        render_breakdown,
+    )
+    from lightning_modules.components.statistics import per_user_metrics
+
+    parser = argparse.ArgumentParser(
+        prog="cli.py breakdown",
+        description="Where stages differ: the users of a split in groups of about equal size "
+                    "by how often their target item occurs in the training sequences "
+                    "(--by popularity) or by the length of their history (--by history); "
+                    "per group each stage's mean metric and its paired difference against "
+                    "the reference stage (bootstrap 95%% interval over the users, the runs' "
+                    "seeds pooled).")
+    parser.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
+                        help="run directories holding the stages (one per seed), e.g. "
+                             "runs/exp/runs/shipped/seed0 runs/exp/runs/shipped/seed1")
+    parser.add_argument("--stages", required=True,
+                        help="comma-separated stages to compare, e.g. sasrec,sft,dpo")
+    parser.add_argument("--reference", default=None,
+                        help="stage the others are compared with (default: the first)")
+    parser.add_argument("--config", default="configs/ml100k/pipeline.yaml",
+                        help="pipeline YAML whose dataset the runs were made from")
+    parser.add_argument("--data_dir", default=None,
+                        help="the dataset's folder, if not the pipeline YAML's")
+    parser.add_argument("--split", default="test", choices=("valid", "test"))
+    parser.add_argument("--by", default="popularity", choices=BREAKDOWN_KEYS)
+    parser.add_argument("--groups", type=int, default=5,
+                        help="groups of about equal size (default 5)")
+    parser.add_argument("--metric", default="ndcg@10", help="recall@K or ndcg@K (default ndcg@10)")
+    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--out", default=None, help="also write the table as JSON here")
+    args = parser.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    reference = args.reference or stages[0]
+    if reference not in stages:
+        parser.error(f"--reference {reference!r} is not in --stages {stages}")
+    try:
+        kind, k = args.metric.split("@")
+        ks = (int(k),)
+    except ValueError:
+        kind, ks = "", ()
+    if kind not in ("recall", "ndcg") or not ks or ks[0] < 1:
+        parser.error(f"--metric {args.metric!r}: expected recall@K or ndcg@K, e.g. ndcg@10")
+    if args.groups < 1 or args.resamples < 1:
+        parser.error("--groups and --resamples must be positive integers")
+    cfg_path = Path(args.config)
+    label, block = _dataset_block(parser, cfg_path, load_spec(
+        parser, cfg_path, PIPELINE_KEYS, "pipeline").get("dataset"))
+    name = block.get("name") or label or "ml-100k"
+    source = block.get("source") or "auto"
+    data_dir = args.data_dir or block.get("data_dir")
+    digest = dataset_digest(name, source, data_dir)
+    records, sliced = {}, set()
+    for run in args.runs:
+        for stage in stages:
+            folder = Path(run) / stage
+            marker = folder / "stage.json"
+            if not marker.exists():
+                raise FileNotFoundError(f"{folder}: no completed stage {stage!r} here "
+                                        f"(stage.json missing)")
+            record = read_json(marker)
+            if record.get("data_digest") not in (None, digest):
+                parser.error(f"{folder} was made from other data (digest "
+                             f"{record['data_digest']}) than the dataset {name!r} of "
+                             f"{cfg_path} (digest {digest}); pass the pipeline YAML (or "
+                             f"--data_dir) the run was made with")
+            if f"ranks_{args.split}.npy" not in record.get("ranks", []):
+                parser.error(f"{folder}: the stage wrote no ranks_{args.split}.npy (it has "
+                             f"{record.get('ranks') or 'no per-user ranks'})")
+            sliced.add((record.get("evaluated_users") or {}).get("slice"))
+            records[run, stage] = folder
+    if len(sliced) > 1:
+        parser.error("the stages were evaluated on different slices of users "
+                     f"{sorted(sliced, key=str)}")
+    data = RecDataModule(dataset=name, source=source, data_dir=data_dir,
+                         kcore=block.get("kcore"), max_users=sliced.pop())
+    data.prepare_data()
+    data.setup()
+    split = data.split
+    row_of = {str(data.dataset.user_ids[u]): i for i, u in enumerate(split.users.tolist())}
+    counts = np.bincount(np.concatenate([np.asarray(s, np.int64) for s in split.train_items]),
+                         minlength=split.num_items)
+    target = split.test_target if args.split == "test" else split.valid_target
+    lengths = np.array([len(s) for s in split.train_items]) + (args.split == "test")
+    per_row = counts[target] if args.by == "popularity" else lengths
+    keys, metrics = [], {s: [] for s in stages}
+    for run in args.runs:
+        users = None
+        for stage in stages:
+            folder = records[run, stage]
+            ids = read_json(folder / "ranks_users.json").get(args.split) or []
+            if users is None:
+                users = ids
+            elif ids != users:
+                parser.error(f"{folder}: its {args.split} users differ from those of "
+                             f"{records[run, stages[0]]}; the stages must be evaluated on the "
+                             f"same users")
+            ranks = np.load(folder / f"ranks_{args.split}.npy")
+            if len(ranks) != len(ids):
+                parser.error(f"{folder}: ranks_{args.split}.npy has {len(ranks)} ranks for "
+                             f"{len(ids)} users in ranks_users.json")
+            metrics[stage].append(per_user_metrics(ranks, ks)[args.metric])
+        unknown = [u for u in users if u not in row_of]
+        if unknown:
+            parser.error(f"{run}: {len(unknown)} evaluated users are not in the dataset's "
+                         f"split (e.g. {unknown[0]!r})")
+        keys.append(per_row[[row_of[u] for u in users]])
+    keys = np.concatenate(keys)
+    metrics = {s: np.concatenate(v) for s, v in metrics.items()}
+    table = breakdown_table(keys, metrics, reference, quantile_groups(keys, args.groups),
+                            resamples=args.resamples)
+    label = {"popularity": "target's training interactions",
+             "history": f"{args.split} history length"}[args.by]
+    print(f"{args.split} {args.metric} by {label}: {len(args.runs)} run(s), "
+          f"{keys.size:,} user rows, difference against {reference} (95% bootstrap interval)")
+    print(render_breakdown(table, reference, label, args.metric))
+    if args.out:
+        atomic_write_json(args.out, {"runs": [str(r) for r in args.runs], "stages": stages,
+                                     "reference": reference, "split": args.split,
+                                     "by": args.by, "metric": args.metric, "table": table})
+    return 0
+
+
 def run_workers(jobs: list[tuple[str, int, list[str]]], workers: int, out: Path) -> list[str]:
     """Run the experiment's pipelines as ``workers`` concurrent ``cli.py pipeline`` processes,
     each with its share of the CPU threads and a log file under ``<out>/logs/``; returns the
@@ -1101,6 +1238,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     if argv and argv[0] == "experiment":
         return experiment(argv[1:])
+    if argv and argv[0] == "breakdown":
+        return breakdown(argv[1:])
     if argv and argv[0] == "serve":
         from lightning_modules.serve import serve
 
