@@ -992,6 +992,8 @@ BREAKDOWN_KEYS = ("popularity", "history")
 def breakdown(argv: list[str]) -> int:
     """Per group of users (by the target's popularity or the history's length), each stage's
     mean metric and its paired difference against a reference stage, seeds pooled."""
+    import re
+
     import numpy as np
 
     from datamodules.base import RecDataModule
@@ -1002,6 +1004,7 @@ def breakdown(argv: list[str]) -> int:
         quantile_groups,
         render_breakdown,
     )
+    from lightning_modules.components.experiment import run_dir_of
     from lightning_modules.components.statistics import per_user_metrics
 
     parser = argparse.ArgumentParser(
@@ -1012,11 +1015,17 @@ def breakdown(argv: list[str]) -> int:
                     "per group each stage's mean metric and its paired difference against "
                     "the reference stage (bootstrap 95%% interval over the users, the runs' "
                     "seeds pooled).")
-    parser.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
-                        help="run directories holding the stages (one per seed), e.g. "
-                             "runs/exp/runs/shipped/seed0 runs/exp/runs/shipped/seed1")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--runs", nargs="+", metavar="RUN_DIR",
+                       help="run directories holding the stages (one per seed), e.g. "
+                            "runs/exp/runs/shipped/seed0 runs/exp/runs/shipped/seed1")
+    where.add_argument("--experiment", metavar="OUT",
+                       help="an experiment directory: --stages then names ROW:STAGE columns, "
+                            "e.g. layers_4:sft,shipped:sft, paired seed by seed over the "
+                            "seeds that every column has")
     parser.add_argument("--stages", required=True,
-                        help="comma-separated stages to compare, e.g. sasrec,sft,dpo")
+                        help="comma-separated stages to compare, e.g. sasrec,sft,dpo (with "
+                             "--experiment: ROW:STAGE, e.g. shipped:sasrec,shipped:sft)")
     parser.add_argument("--reference", default=None,
                         help="stage the others are compared with (default: the first)")
     parser.add_argument("--config", default="configs/ml100k/pipeline.yaml",
@@ -1032,6 +1041,8 @@ def breakdown(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
+    if len(set(stages)) != len(stages):
+        parser.error(f"--stages {stages}: a column is named twice")
     reference = args.reference or stages[0]
     if reference not in stages:
         parser.error(f"--reference {reference!r} is not in --stages {stages}")
@@ -1044,6 +1055,30 @@ def breakdown(argv: list[str]) -> int:
         parser.error(f"--metric {args.metric!r}: expected recall@K or ndcg@K, e.g. ndcg@10")
     if args.groups < 1 or args.resamples < 1:
         parser.error("--groups and --resamples must be positive integers")
+    # columns[stage][j]: the stage folder of the j-th seed (run) of that column.
+    if args.runs:
+        runs = [str(r) for r in args.runs]
+        columns = {st: [Path(r) / st for r in runs] for st in stages}
+    else:
+        out = Path(args.experiment)
+        pairs = [st.split(":") for st in stages]
+        if any(len(p) != 2 or not all(p) for p in pairs):
+            parser.error(f"--stages {stages}: with --experiment each column is ROW:STAGE, "
+                         "e.g. shipped:sft")
+        seeds = None
+        for row, stage in pairs:
+            found = {int(m.group(1)) for d in run_dir_of(out, row, 0).parent.glob("seed*")
+                     if (m := re.fullmatch(r"seed(\d+)", d.name))
+                     and (d / stage / "stage.json").exists()}
+            if not found:
+                parser.error(f"{run_dir_of(out, row, 0).parent}: no completed stage "
+                             f"{stage!r} of row {row!r} in the experiment {out}")
+            seeds = found if seeds is None else seeds & found
+        if not seeds:
+            parser.error(f"the rows of --stages {stages} have no seed in common in {out}")
+        runs = [f"seed {k}" for k in sorted(seeds)]
+        columns = {st: [run_dir_of(out, row, k) / stage for k in sorted(seeds)]
+                   for st, (row, stage) in zip(stages, pairs)}
     cfg_path = Path(args.config)
     label, block = _dataset_block(parser, cfg_path, load_spec(
         parser, cfg_path, PIPELINE_KEYS, "pipeline").get("dataset"))
@@ -1051,13 +1086,12 @@ def breakdown(argv: list[str]) -> int:
     source = block.get("source") or "auto"
     data_dir = args.data_dir or block.get("data_dir")
     digest = dataset_digest(name, source, data_dir)
-    records, sliced = {}, set()
-    for run in args.runs:
-        for stage in stages:
-            folder = Path(run) / stage
+    sliced = set()
+    for folders in columns.values():
+        for folder in folders:
             marker = folder / "stage.json"
             if not marker.exists():
-                raise FileNotFoundError(f"{folder}: no completed stage {stage!r} here "
+                raise FileNotFoundError(f"{folder}: no completed stage {folder.name!r} here "
                                         f"(stage.json missing)")
             record = read_json(marker)
             if record.get("data_digest") not in (None, digest):
@@ -1069,7 +1103,6 @@ def breakdown(argv: list[str]) -> int:
                 parser.error(f"{folder}: the stage wrote no ranks_{args.split}.npy (it has "
                              f"{record.get('ranks') or 'no per-user ranks'})")
             sliced.add((record.get("evaluated_users") or {}).get("slice"))
-            records[run, stage] = folder
     if len(sliced) > 1:
         parser.error("the stages were evaluated on different slices of users "
                      f"{sorted(sliced, key=str)}")
@@ -1085,17 +1118,16 @@ def breakdown(argv: list[str]) -> int:
     lengths = np.array([len(s) for s in split.train_items]) + (args.split == "test")
     per_row = counts[target] if args.by == "popularity" else lengths
     keys, metrics = [], {s: [] for s in stages}
-    for run in args.runs:
-        users = None
+    for j in range(len(runs)):
+        users, first = None, columns[stages[0]][j]
         for stage in stages:
-            folder = records[run, stage]
+            folder = columns[stage][j]
             ids = read_json(folder / "ranks_users.json").get(args.split) or []
             if users is None:
                 users = ids
             elif ids != users:
                 parser.error(f"{folder}: its {args.split} users differ from those of "
-                             f"{records[run, stages[0]]}; the stages must be evaluated on the "
-                             f"same users")
+                             f"{first}; the stages must be evaluated on the same users")
             ranks = np.load(folder / f"ranks_{args.split}.npy")
             if len(ranks) != len(ids):
                 parser.error(f"{folder}: ranks_{args.split}.npy has {len(ranks)} ranks for "
@@ -1103,7 +1135,7 @@ def breakdown(argv: list[str]) -> int:
             metrics[stage].append(per_user_metrics(ranks, ks)[args.metric])
         unknown = [u for u in users if u not in row_of]
         if unknown:
-            parser.error(f"{run}: {len(unknown)} evaluated users are not in the dataset's "
+            parser.error(f"{first}: {len(unknown)} evaluated users are not in the dataset's "
                          f"split (e.g. {unknown[0]!r})")
         keys.append(per_row[[row_of[u] for u in users]])
     keys = np.concatenate(keys)
@@ -1112,13 +1144,14 @@ def breakdown(argv: list[str]) -> int:
                             resamples=args.resamples)
     label = {"popularity": "target's training interactions",
              "history": f"{args.split} history length"}[args.by]
-    print(f"{args.split} {args.metric} by {label}: {len(args.runs)} run(s), "
+    print(f"{args.split} {args.metric} by {label}: {len(runs)} run(s), "
           f"{keys.size:,} user rows, difference against {reference} (95% bootstrap interval)")
     print(render_breakdown(table, reference, label, args.metric))
     if args.out:
-        atomic_write_json(args.out, {"runs": [str(r) for r in args.runs], "stages": stages,
-                                     "reference": reference, "split": args.split,
-                                     "by": args.by, "metric": args.metric, "table": table})
+        atomic_write_json(args.out, {
+            "runs": runs, "columns": {s: [str(f) for f in v] for s, v in columns.items()},
+            "reference": reference, "split": args.split, "by": args.by,
+            "metric": args.metric, "table": table})
     return 0
 
 

@@ -129,3 +129,28 @@ def test_breakdown_refuses_what_it_cannot_compare(two_stage_run, tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["breakdown", "--runs", str(other), "--stages", "popular,sasrec"])
     assert "was made from other data (digest 0123456789abcdef)" in capsys.readouterr().err
+
+
+def test_breakdown_compares_rows_of_an_experiment_seed_by_seed(two_stage_run, tmp_path,
+                                                               capsys):
+    from cli import main
+
+    out = tmp_path / "exp"
+    for row, seed in (("a", 0), ("b", 0), ("a", 1)):  # seed 1 only in row a: not paired
+        shutil.copytree(two_stage_run, out / "runs" / row / f"seed{seed}")
+    table_path = tmp_path / "rows.json"
+    assert main(["breakdown", "--experiment", str(out), "--stages", "a:popular,b:sasrec",
+                 "--groups", "3", "--out", str(table_path)]) == 0
+    assert "1 run(s), 100 user rows, difference against a:popular" in capsys.readouterr().out
+    result = json.loads(table_path.read_text())
+    assert result["runs"] == ["seed 0"]
+    assert result["columns"]["b:sasrec"] == [str(out / "runs" / "b" / "seed0" / "sasrec")]
+    metrics = json.loads((two_stage_run / "metrics.json").read_text())["stages"]
+    assert result["table"][-1]["diff"]["b:sasrec"]["mean_diff"] == pytest.approx(
+        metrics["sasrec"]["test"]["ndcg@10"] - metrics["popular"]["test"]["ndcg@10"], abs=1e-6)
+    for stages, message in (("a:popular,sasrec", "each column is ROW:STAGE"),
+                            ("a:popular,c:sasrec", "no completed stage 'sasrec' of row 'c'"),
+                            ("a:popular,a:popular", "a column is named twice")):
+        with pytest.raises(SystemExit):
+            main(["breakdown", "--experiment", str(out), "--stages", stages])
+        assert message in capsys.readouterr().err
