@@ -336,7 +336,7 @@ def _relative_to_run(value, run_dir: str):
 
 
 # model.init_args options whose value here leaves the computation as it was before the option.
-NEUTRAL_OPTIONS = {"train_precision": "32", "user_scid_refresh": "False"}
+NEUTRAL_OPTIONS = {"train_precision": "32", "user_scid_refresh": "False", "decode_prior": "0.0"}
 
 
 def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str]) -> dict:

@@ -117,6 +117,12 @@ class GenerativeRecommender(L.LightningModule):
             test item), as validation prompts show the SCID of the training history they
             follow (:attr:`SCIDMap.user_refreshed_codes`). Off: every prompt shows the
             training-history SCID. Training and validation are the same either way.
+        decode_prior: ``alpha``; beam search ranks items by ``log p(item | prompt) -
+            alpha * log prior(item)``, the prior being the items' counts in the training
+            sequences (plus one) spread over the code tree level by level
+            (:meth:`ItemTrie.log_prior`): ``alpha > 0`` moves beams toward rarely seen
+            items, ``alpha < 0`` toward popular ones. ``0`` (default): the plain
+            log-probabilities. Training is the same either way.
     """
 
     reads_stages = ("tokenizer",)  # the SCID map
@@ -131,7 +137,8 @@ class GenerativeRecommender(L.LightningModule):
                  predict_top_k: int = 10, export_on_fit_end: bool = False,
                  seed: int | None = None, label_smoothing: float = 0.0,
                  scid_init: str = "random", pack_rows: bool = False,
-                 train_precision: str = "32", user_scid_refresh: bool = False) -> None:
+                 train_precision: str = "32", user_scid_refresh: bool = False,
+                 decode_prior: float = 0.0) -> None:
         super().__init__()
         ks = [5, 10] if ks is None else list(ks)
         if num_beams < max(ks):
@@ -160,6 +167,12 @@ class GenerativeRecommender(L.LightningModule):
         self.train_precision = check_train_precision(train_precision)
         self._step_precision = "32"  # what the training steps run at (set when a fit starts)
         self.user_scid_refresh = bool(user_scid_refresh)
+        if not isinstance(decode_prior, (int, float)) or not -10.0 < decode_prior < 10.0:
+            raise ValueError(f"model.init_args.decode_prior must be a number in (-10, 10), got "
+                             f"{decode_prior!r}")
+        self.decode_prior = float(decode_prior)
+        self.prior_counts: list[int] | None = None  # training counts per item (the prior)
+        self._node_bias: list[torch.Tensor] | None = None
         self.export_on_fit_end = export_on_fit_end
         if seed is None:  # lightning's seed_everything records its seed here
             seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
@@ -267,6 +280,12 @@ class GenerativeRecommender(L.LightningModule):
         datamodule.setup("fit")
         self.prompts = datamodule.prompts
         self._split = datamodule.split
+        if self.decode_prior:
+            import numpy as np
+
+            seqs = [np.asarray(x, dtype=np.int64) for x in self._split.train_items]
+            self.set_prior_counts(np.bincount(np.concatenate(seqs),
+                                              minlength=self._split.num_items).tolist())
         if self.scid_map is not None and datamodule.scid_map is not None and \
                 not torch.equal(self.scid_map.item_codes, datamodule.scid_map.item_codes):
             raise ValueError("the DataModule's SCID map differs from the model's")
@@ -279,6 +298,27 @@ class GenerativeRecommender(L.LightningModule):
                 f"{sorted(refreshed) or 'none'}): rerun the sasrec and tokenizer stages with "
                 "this version, which export them")
         datamodule.attach_tokenizer(self.tokenizer)
+
+    def set_prior_counts(self, counts) -> None:
+        """The items' training counts that ``decode_prior`` divides out (one per item)."""
+        counts = [int(c) for c in counts]
+        if self.trie is not None and len(counts) != self.trie.num_items:
+            raise ValueError(f"prior counts: {len(counts)} values for {self.trie.num_items} "
+                             "items")
+        self.prior_counts = counts
+        self._node_bias = None
+
+    def node_bias(self) -> list[torch.Tensor] | None:
+        """The beam-search step bias of ``decode_prior`` (None when it is 0)."""
+        if not self.decode_prior:
+            return None
+        if self._node_bias is None:
+            if self.prior_counts is None:
+                raise RuntimeError("model.init_args.decode_prior != 0 needs the items' training "
+                                   "counts: call attach_data(datamodule) first")
+            self._node_bias = [-self.decode_prior * b
+                               for b in self.trie.log_prior(self.prior_counts)]
+        return self._node_bias
 
     # -- public API (reused by the DPO stage) -----------------------------------------------
     def build_prompts(self, rows, stage: str) -> list[str]:
@@ -335,7 +375,8 @@ class GenerativeRecommender(L.LightningModule):
         try:
             items, scores = constrained_beam_search(
                 self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                self.trie, num_beams=num_beams, exclude_items=exclude)
+                self.trie, num_beams=num_beams, exclude_items=exclude,
+                node_bias=self.node_bias())
         finally:
             self.model.train(was_training)
         return items, scores
@@ -558,7 +599,10 @@ class GenerativeRecommender(L.LightningModule):
             "vocab_size": len(self.tokenizer),
             "parameters": count_parameters(self.model),
             "user_scid_refresh": self.user_scid_refresh,
+            "decode_prior": self.decode_prior,
         }
+        if self.decode_prior and self.prior_counts is not None:
+            info["prior_counts"] = self.prior_counts  # what serving decodes with
         atomic_write_json(tmp / SFT_INFO_FILE, info)
         if self.prompts is not None:  # what serving needs without the data (Recommender)
             atomic_write_json(tmp / CATALOG_FILE, self.prompts.catalog())
@@ -640,7 +684,7 @@ class GenerativeRecommender(L.LightningModule):
         backbone = BackboneConfig(**info["backbone"])
         lora = LoraSettings(**info["lora"])
         overrides = {"user_scid_refresh": bool(info.get("user_scid_refresh", False)),
-                     **overrides}
+                     "decode_prior": float(info.get("decode_prior", 0.0)), **overrides}
         module = cls(backbone=backbone, lora=lora, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         scid_map = load_scid_map(hf_dir)
@@ -661,6 +705,8 @@ class GenerativeRecommender(L.LightningModule):
             model.requires_grad_(trainable)
         ids = tokenizer.convert_tokens_to_ids(cls._scid_vocab(scid_map))
         module._install(tokenizer, scid_map, ids, model=model)
+        if info.get("prior_counts") is not None:
+            module.set_prior_counts(info["prior_counts"])
         return module
 
 

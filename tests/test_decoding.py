@@ -409,3 +409,49 @@ def test_packed_is_the_default_for_sdpa_and_rejects_unknown_methods(model, items
     assert torch.equal(default, packed)
     with pytest.raises(ValueError, match="method"):
         constrained_beam_search(model, *prompts, trie, num_beams=5, method="fast")
+
+
+# -- the popularity prior (decode_prior) ---------------------------------------------------
+def test_log_prior_spreads_item_weights_over_the_tree(items3):
+    trie = ItemTrie(items3)
+    weights = torch.arange(items3.shape[0], dtype=torch.float64) % 7
+    prior = trie.log_prior(weights, smoothing=1.0)
+    assert [p.shape[0] for p in prior] == trie.num_nodes[1:]
+    for level, lp in enumerate(prior):  # the children of every parent sum to probability 1
+        parent = torch.empty(trie.num_nodes[level + 1], dtype=torch.long)
+        parent[trie.prefix_id[level + 1]] = trie.prefix_id[level]
+        total = torch.zeros(trie.num_nodes[level], dtype=torch.float64)
+        total.index_add_(0, parent, lp.double().exp())
+        torch.testing.assert_close(total, torch.ones_like(total))
+    # Almost no smoothing: an item's path sums to the log of its share of the weights.
+    tiny = trie.log_prior(weights + 1.0, smoothing=1e-9)
+    path = sum(tiny[lvl][trie.prefix_id[lvl + 1]].double() for lvl in range(trie.num_levels))
+    torch.testing.assert_close(path, ((weights + 1) / (weights + 1).sum()).log(), atol=1e-5,
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="non-negative"):
+        trie.log_prior(-weights - 1)
+    with pytest.raises(ValueError, match="item_weights must be"):
+        trie.log_prior(weights[:5])
+
+
+def test_node_bias_ranks_by_the_biased_full_score(model, items3, prompts, exhaustive):
+    """Full-width beams with ``node_bias = -alpha * log_prior`` return every item ranked by
+    ``log p(item) - alpha * log prior(item)``, with those scores."""
+    trie = ItemTrie(items3)
+    n = items3.shape[0]
+    weights = (torch.arange(n) * 37 % 11).double()
+    bias = [-0.5 * b for b in trie.log_prior(weights)]
+    per_item = sum(bias[lvl][trie.prefix_id[lvl + 1]] for lvl in range(trie.num_levels))
+    target = exhaustive + per_item[None, :]
+    items, scores = constrained_beam_search(model, *prompts, trie, num_beams=n,
+                                            node_bias=bias)
+    assert_exhaustive_order(items, target)
+    torch.testing.assert_close(scores, target.sort(dim=1, descending=True).values, atol=1e-4,
+                               rtol=1e-5)
+    # A zero bias is the plain search; a bias of the wrong depth is refused.
+    plain = constrained_beam_search(model, *prompts, trie, num_beams=20)
+    zero = constrained_beam_search(model, *prompts, trie, num_beams=20,
+                                   node_bias=[torch.zeros_like(b) for b in bias])
+    assert torch.equal(plain[0], zero[0])
+    with pytest.raises(ValueError, match="node_bias needs 3 levels"):
+        constrained_beam_search(model, *prompts, trie, num_beams=4, node_bias=bias[:2])

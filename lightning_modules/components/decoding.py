@@ -161,6 +161,7 @@ def constrained_beam_search(
     exclude_items: torch.Tensor | Sequence[Iterable[int]] | None = None,
     return_tokens: bool = False,
     method: str = "auto",
+    node_bias: Sequence[torch.Tensor] | None = None,
 ):
     """Top ``num_beams`` items per prompt by beam search constrained to the item trie.
 
@@ -187,6 +188,10 @@ def constrained_beam_search(
             ``auto`` picks ``packed`` where the model's attention takes 4-D masks; caches
             other than plain :class:`DynamicLayer` ones (e.g. sliding window) always take
             ``cache``.
+        node_bias: optional per level ``l`` a ``FloatTensor [trie.num_nodes[l + 1]]`` added to
+            the score of every step into a node of depth ``l + 1`` (e.g. ``-alpha`` times
+            :meth:`ItemTrie.log_prior`: beams then rank ``log p(item | prompt) - alpha *
+            log prior(item)``); the returned scores include it.
     Returns:
         ``items`` ``LongTensor [B, W]``: row indices into ``trie.item_tokens``, best first,
         ``-1`` where fewer than ``W`` items could be returned; ``scores`` ``FloatTensor [B, W]``:
@@ -227,6 +232,12 @@ def constrained_beam_search(
         tokens0 = trie.child_token[0][0]  # [K0]
         nodes0 = trie.child_node[0][0]
         cand = log_probs[:, tokens0]  # [B, K0]
+        if node_bias is not None:
+            if len(node_bias) != trie.num_levels:
+                raise ValueError(f"node_bias needs {trie.num_levels} levels, got "
+                                 f"{len(node_bias)}")
+            node_bias = [b.to(device=device, dtype=log_probs.dtype) for b in node_bias]
+            cand = cand + node_bias[0][nodes0]
         if dead is not None and dead[1].numel():
             keys = rows[:, None] * trie.num_nodes[1] + nodes0
             cand = cand.masked_fill(is_member(dead[1], keys), NEG_INF)
@@ -267,6 +278,8 @@ def constrained_beam_search(
             child = trie.child_node[level][beam_nodes]  # [B, W, K]
             ctok = trie.child_token[level][beam_nodes]
             step = log_probs.view(batch, width, -1).gather(2, ctok)
+            if node_bias is not None:
+                step = step + node_bias[level][child.clamp(min=0)]
             invalid = child < 0
             if dead is not None and dead[level + 1].numel():
                 keys = rows[:, None, None] * trie.num_nodes[level + 1] + child.clamp(min=0)

@@ -149,6 +149,29 @@ class ItemTrie:
             self._py_children = _children_dict(self.item_tokens.tolist())
         return self._py_children.get(tuple(int(t) for t in prefix), [])
 
+    # -- priors ---------------------------------------------------------------------------
+    def log_prior(self, item_weights, smoothing: float = 1.0) -> list[torch.Tensor]:
+        """Per level ``l < L``, ``log P(node | parent)`` of every node at depth ``l + 1``
+        (``FloatTensor [num_nodes[l + 1]]``), where a node's mass is the summed
+        ``item_weights`` (``[num_items]``, e.g. training counts) of the items below it plus
+        ``smoothing``; summed along an item's path it is the log-prior of its code."""
+        w = torch.as_tensor(item_weights, dtype=torch.float64, device=self.device)
+        if w.shape != (self.num_items,) or (w < 0).any() or smoothing <= 0:
+            raise ValueError(f"item_weights must be {self.num_items} non-negative values and "
+                             f"smoothing > 0, got shape {tuple(w.shape)}, smoothing {smoothing}")
+        out = []
+        for level in range(self.num_levels):
+            n_par, n_child = self.num_nodes[level], self.num_nodes[level + 1]
+            mass = torch.zeros(n_child, dtype=torch.float64, device=self.device)
+            mass.index_add_(0, self.prefix_id[level + 1], w)
+            mass += smoothing
+            parent = torch.empty(n_child, dtype=torch.long, device=self.device)
+            parent[self.prefix_id[level + 1]] = self.prefix_id[level]
+            total = torch.zeros(n_par, dtype=torch.float64, device=self.device)
+            total.index_add_(0, parent, mass)
+            out.append((mass.log() - total[parent].log()).float())
+        return out
+
     # -- exclusion ------------------------------------------------------------------------
     def dead_keys(self, exclude_items: torch.Tensor | Sequence[Iterable[int]],
                   ) -> list[torch.Tensor]:
