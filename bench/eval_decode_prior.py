@@ -14,11 +14,11 @@ without training again:
    read);
 2. the stage's exported model (``sft/hf``, or ``dpo/hf`` with ``--stage dpo``) is evaluated
    on the validation and test splits of the sft stage's data with every alpha; with
-   ``--check`` first with alpha 0, which must reproduce the stage's recorded validation
-   metrics;
-3. the per-user ranks are paired with the stage's own (``<stage>/ranks_<split>.npy``, alpha
-   0): N@10 / R@10 means per alpha and the paired differences over the users (seeds pooled,
-   bootstrap 95% interval) on both splits. Validation chooses; test is reported.
+   ``--check`` first with the stage's own alpha (the ``decode_prior`` it was made with, in
+   ``<stage>/hf/align3gr_sft.json``), which must reproduce its recorded validation metrics;
+3. the per-user ranks are paired with the stage's own (``<stage>/ranks_<split>.npy``): N@10 /
+   R@10 means per alpha and the paired differences over the users (seeds pooled, bootstrap
+   95% interval) on both splits. Validation chooses; test is reported.
 
 Any ``--trainer.*``/``--model.*``/``--data.*`` flag the runs were made with goes to every
 stage, as with ``cli.py pipeline``.
@@ -54,21 +54,22 @@ def evaluate_seed(pipeline_yaml: Path, source: Path, run_dir: Path, seed: int,
         if not (run_dir / name / "stage.json").exists():
             shutil.copytree(source / name, run_dir / name, dirs_exist_ok=True)
     recorded = json.loads((run_dir / stage / "stage.json").read_text())
+    own = stage_alpha(run_dir / stage)
     cli = stage_cli_for(pipeline_yaml, "sft", run_dir, seed, flags)
-    result = {"seed": seed, "stage": stage, "alphas": {}}
-    for alpha in ([0.0] if check else []) + alphas:
+    result = {"seed": seed, "stage": stage, "own_alpha": own, "alphas": {}}
+    for alpha in ([own] if check else []) + alphas:
         t0 = time.perf_counter()
         model = GenerativeRecommender.from_pretrained_dir(
             run_dir / stage / "hf", trainable=False, num_beams=cli.model.num_beams,
             ks=cli.model.ks, exclude_history=cli.model.exclude_history, decode_prior=alpha)
         got = {}
-        for split in SPLITS if alpha else ("valid",):
+        for split in SPLITS if alpha != own else ("valid",):
             run = cli.trainer.validate if split == "valid" else cli.trainer.test
             run(model, datamodule=cli.datamodule, verbose=False)
             got[split] = dict(model.results[split])
             np.save(run_dir / f"ranks_{split}_{stage}_prior{alpha:g}.npy",
                     np.asarray(model.last_ranks[split][1]))
-        if not alpha:
+        if alpha == own:
             want = recorded["valid"]
             if any(abs(got["valid"][k] - want[k]) > 1e-9 for k in want):
                 raise RuntimeError(f"{run_dir / stage}: validating its exported model gave "
@@ -78,25 +79,31 @@ def evaluate_seed(pipeline_yaml: Path, source: Path, run_dir: Path, seed: int,
     return result
 
 
+def stage_alpha(stage_dir: Path) -> float:
+    """The ``decode_prior`` a stage decoded with (0 for stages made before the option)."""
+    info = json.loads((stage_dir / "hf" / "align3gr_sft.json").read_text())
+    return float(info.get("decode_prior", 0.0))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", required=True, help="the runs' pipeline YAML")
     parser.add_argument("--runs", required=True, help="folder of seed<k> run directories")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--alphas", default="0.15,0.3",
-                        help="comma-separated non-zero alphas (negative: toward popular items)")
+                        help="comma-separated alphas other than the stage's own (negative: "
+                             "toward popular items)")
     parser.add_argument("--out", required=True, help="where the copies and results go")
     parser.add_argument("--stage", default="sft", choices=["sft", "dpo"],
                         help="whose exported model (<stage>/hf) is evaluated")
     parser.add_argument("--check", action="store_true",
-                        help="first validate with alpha 0, which must reproduce the stage")
+                        help="first validate with the stage's own alpha, which must reproduce "
+                             "the stage")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--json", default=None)
     args, passthrough = parser.parse_known_args()
     logging.basicConfig(level=logging.WARNING)
     alphas = [float(a) for a in args.alphas.split(",")]
-    if not alphas or 0 in alphas:
-        parser.error(f"--alphas {args.alphas!r}: expected non-zero numbers, e.g. 0.15,-0.15")
 
     import numpy as np
 
@@ -104,12 +111,19 @@ def main() -> int:
 
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
+    own = set()
     for seed in seeds:
         run_dir = out / f"seed{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
+        alpha = stage_alpha(Path(args.runs) / f"seed{seed}" / args.stage)
+        own.add(alpha)
+        if alpha in alphas:
+            parser.error(f"--alphas {args.alphas!r}: {alpha:g} is the alpha "
+                         f"{Path(args.runs) / f'seed{seed}' / args.stage} was made with; its own "
+                         "ranks are the reference")
         done = run_dir / f"result_{args.stage}.json"  # a seed already evaluated is not again
         if not done.exists() or sorted(json.loads(done.read_text())["alphas"]) != sorted(
-                [f"{a:g}" for a in alphas] + (["0"] if args.check else [])):
+                [f"{a:g}" for a in alphas] + ([f"{alpha:g}"] if args.check else [])):
             result = evaluate_seed(Path(args.pipeline), Path(args.runs) / f"seed{seed}",
                                    run_dir, seed, passthrough, args.stage, alphas, args.check)
             done.write_text(json.dumps(result))
@@ -121,13 +135,16 @@ def main() -> int:
         return {m: np.concatenate([p[m] for p in per]) for m in ("ndcg@10", "recall@10")}
 
     table = {}
-    print(f"\n{args.stage} stage, {len(seeds)} seeds; differences against alpha 0 (the stage's "
-          "own ranks), paired over the users, seeds pooled, bootstrap 95%:\n"
+    if len(own) > 1:
+        parser.error(f"the seeds' {args.stage} stages were made with different alphas {own}")
+    own = own.pop()
+    print(f"\n{args.stage} stage, {len(seeds)} seeds; differences against alpha {own:g} (the "
+          "stage's own ranks), paired over the users, seeds pooled, bootstrap 95%:\n"
           "| alpha | valid N@10 | test N@10 | test R@10 | valid Δ N@10 | test Δ N@10 | "
           "test Δ R@10 |\n|---|---|---|---|---|---|---|")
     base = {split: pooled(split, None) for split in SPLITS}
-    print(f"| 0 | {base['valid']['ndcg@10'].mean():.4f} | {base['test']['ndcg@10'].mean():.4f} "
-          f"| {base['test']['recall@10'].mean():.4f} | | | |")
+    print(f"| {own:g} | {base['valid']['ndcg@10'].mean():.4f} | "
+          f"{base['test']['ndcg@10'].mean():.4f} | {base['test']['recall@10'].mean():.4f} | | | |")
     for alpha in alphas:
         got = {split: pooled(split, f"{alpha:g}") for split in SPLITS}
         diff = {f"{split} {m}": paired_bootstrap(got[split][m], base[split][m],
@@ -145,7 +162,7 @@ def main() -> int:
               + " | ".join(fmt(b) for b in diff.values()) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"seeds": seeds, "stage": args.stage,
-                                               "table": table}, indent=1))
+                                               "own_alpha": own, "table": table}, indent=1))
     return 0
 
 

@@ -171,8 +171,10 @@ class SelfPlayCallback(FitResumeState):
 
         def run(c: int):
             idx = batches[c]
+            # The policy's own beams and log-probabilities, without a decoding prior.
             items, scores = pl_module.policy.recommend([prompts[i] for i in idx],
-                                                       [exclude[i] for i in idx], self.num_beams)
+                                                       [exclude[i] for i in idx], self.num_beams,
+                                                       prior=False)
             return items.cpu(), scores.float().cpu()
 
         parts = _distributed_map(trainer, len(batches), run, desc, self.progress_bar)

@@ -349,7 +349,8 @@ class GenerativeRecommender(L.LightningModule):
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def recommend(self, prompts: list[str], exclude=None, num_beams: int | None = None):
+    def recommend(self, prompts: list[str], exclude=None, num_beams: int | None = None,
+                  prior: bool = True):
         """Top items for each prompt by trie-constrained beam search.
 
         Args:
@@ -357,9 +358,12 @@ class GenerativeRecommender(L.LightningModule):
             exclude: per prompt, item ids never to return (``list[list[int]]`` or
                 ``LongTensor [B, H]`` padded with -1), or ``None``.
             num_beams: beam width ``W`` (default: the module's ``num_beams``).
+            prior: decode with ``decode_prior`` (when it is not 0); ``False``: the model's own
+                beams and log-probabilities (self-play's candidates and reference scores).
         Returns:
             ``items`` ``LongTensor [B, W]`` (internal item ids, best first, -1 if fewer) and
-            ``scores`` ``FloatTensor [B, W]`` (summed log-probabilities).
+            ``scores`` ``FloatTensor [B, W]`` (summed log-probabilities, plus the prior's
+            bias with ``decode_prior``).
         """
         num_beams = num_beams or self.num_beams
         device = self._model_device()
@@ -376,7 +380,7 @@ class GenerativeRecommender(L.LightningModule):
             items, scores = constrained_beam_search(
                 self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
                 self.trie, num_beams=num_beams, exclude_items=exclude,
-                node_bias=self.node_bias())
+                node_bias=self.node_bias() if prior else None)
         finally:
             self.model.train(was_training)
         return items, scores

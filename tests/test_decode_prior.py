@@ -107,11 +107,33 @@ def test_eval_decode_prior_reevaluates_a_finished_run(tmp_path):
     row = result["table"]["0.5"]
     assert set(row["paired"]) == {"valid ndcg@10", "test ndcg@10", "test recall@10"}
     seed = json.loads((tmp_path / "out" / "seed0" / "result_sft.json").read_text())
-    # alpha 0 reproduced the stage's validation (the script checks); alpha 0.5 decodes
-    # otherwise, and its means are those of its ranks.
-    assert set(seed["alphas"]) == {"0", "0.5"}
+    # The stage's own alpha (the ML-100K default) reproduced its validation (the script
+    # checks); alpha 0.5 decodes otherwise, and its means are those of its ranks.
+    assert result["own_alpha"] == seed["own_alpha"] == -0.1
+    assert set(seed["alphas"]) == {"-0.1", "0.5"}
     assert row["means"]["valid ndcg@10"] == pytest.approx(
         seed["alphas"]["0.5"]["valid"]["ndcg@10"], abs=1e-6)
-    assert "| 0.5 |" in proc.stdout
+    assert "| 0.5 |" in proc.stdout and "| -0.1 |" in proc.stdout
+    # The stage's own alpha is the reference, not a candidate.
+    proc = subprocess.run([sys.executable, "bench/eval_decode_prior.py", "--pipeline",
+                           "configs/ml100k/pipeline.yaml", "--runs", str(tmp_path / "runs"),
+                           "--seeds", "0", "--alphas=-0.1", "--out", str(tmp_path / "o2"),
+                           *flags], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2 and "its own ranks are the reference" in proc.stderr
     # The original run is only read.
     assert before == {p: p.stat().st_mtime_ns for p in source.rglob("*") if p.is_file()}
+
+
+def test_prior_false_gives_the_models_own_beams(prior_run):
+    """Self-play asks for the policy's own beams (``prior=False``): the plain search."""
+    _, _, model = prior_run
+    prompts = model.build_prompts([0, 1], "valid")
+    own = model.recommend(prompts, prior=False)
+    model.decode_prior = 0.0
+    try:
+        plain = model.recommend(prompts)
+    finally:
+        model.decode_prior = 0.5
+    assert torch.equal(own[0], plain[0]) and torch.equal(own[1], plain[1])
+    assert not torch.equal(model.recommend(prompts)[1], plain[1])
