@@ -4,15 +4,12 @@ the prior being the items' training counts; the counts travel with the exported 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.finished_runs import FLAGS, files_of, finished_run, run_python
 from tests.test_sft_stage import TINY, make_dm, scid_map, trainer
 
 
@@ -82,26 +79,12 @@ def test_bad_alpha_and_missing_counts_are_clear_errors(prior_run):
 
 
 def test_eval_decode_prior_reevaluates_a_finished_run(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    flags = ["--data.init_args.max_users=60", "--trainer.max_epochs=1",
-             "--trainer.enable_progress_bar=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def run(*args):
-        proc = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc
-
-    source = tmp_path / "runs" / "seed0"
-    run("cli.py", "pipeline", "--config", "configs/ml100k/pipeline.yaml", "--run_dir",
-        str(source), "--stages", "sasrec,tokenizer,sft", "--seed_everything=0",
-        "--data.init_args.seed=0", *flags)
-    before = {p: p.stat().st_mtime_ns for p in source.rglob("*") if p.is_file()}
-    proc = run("bench/eval_decode_prior.py", "--pipeline", "configs/ml100k/pipeline.yaml",
-               "--runs", str(tmp_path / "runs"), "--seeds", "0", "--alphas", "0.5",
-               "--check", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json"),
-               *flags)
+    flags = [*FLAGS, "--trainer.max_epochs=1"]
+    source, before = finished_run(tmp_path / "runs", flags)
+    proc = run_python("bench/eval_decode_prior.py", "--pipeline", "configs/ml100k/pipeline.yaml",
+                      "--runs", str(tmp_path / "runs"), "--seeds", "0", "--alphas", "0.5",
+                      "--check", "--out", str(tmp_path / "out"), "--json",
+                      str(tmp_path / "r.json"), *flags)
     result = json.loads((tmp_path / "r.json").read_text())
     assert set(result["table"]) == {"0.5"}
     row = result["table"]["0.5"]
@@ -115,14 +98,12 @@ def test_eval_decode_prior_reevaluates_a_finished_run(tmp_path):
         seed["alphas"]["0.5"]["valid"]["ndcg@10"], abs=1e-6)
     assert "| 0.5 |" in proc.stdout and "| -0.1 |" in proc.stdout
     # The stage's own alpha is the reference, not a candidate.
-    proc = subprocess.run([sys.executable, "bench/eval_decode_prior.py", "--pipeline",
-                           "configs/ml100k/pipeline.yaml", "--runs", str(tmp_path / "runs"),
-                           "--seeds", "0", "--alphas=-0.1", "--out", str(tmp_path / "o2"),
-                           *flags], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_python("bench/eval_decode_prior.py", "--pipeline", "configs/ml100k/pipeline.yaml",
+                      "--runs", str(tmp_path / "runs"), "--seeds", "0", "--alphas=-0.1",
+                      "--out", str(tmp_path / "o2"), *flags, check=False)
     assert proc.returncode == 2 and "its own ranks are the reference" in proc.stderr
     # The original run is only read.
-    assert before == {p: p.stat().st_mtime_ns for p in source.rglob("*") if p.is_file()}
+    assert before == files_of(source)
 
 
 def test_prior_false_gives_the_models_own_beams(prior_run):

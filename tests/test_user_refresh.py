@@ -5,10 +5,6 @@ prompts that show them (``user_scid_refresh``)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +13,7 @@ import torch
 from datamodules.sequential_data import SequentialDataModule
 from lightning_modules.components.artifacts import USER_EMBEDDING_FILES, atomic_torch_save
 from lightning_modules.components.scid_map import SCIDMap, load_scid_map
+from tests.finished_runs import FLAGS, files_of, finished_run, run_python
 from tests.test_sft_stage import TINY, make_dm, scid_map, trainer
 from tests.test_tokenizer_stage import USERS, data, fake_sasrec, small_model
 from tests.test_tokenizer_stage import trainer as tokenizer_trainer
@@ -166,26 +163,12 @@ def test_refresh_without_refreshed_codes_is_a_clear_error(tmp_path):
 
 
 def test_eval_user_refresh_retests_a_finished_run_both_ways(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    flags = ["--data.init_args.max_users=60", "--trainer.max_epochs=2",
-             "--trainer.enable_progress_bar=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def run(*args):
-        proc = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc
-
-    source = tmp_path / "runs" / "seed0"
-    run("cli.py", "pipeline", "--config", "configs/ml100k/pipeline.yaml", "--run_dir",
-        str(source), "--stages", "sasrec,tokenizer,sft", "--seed_everything=0",
-        "--data.init_args.seed=0", *flags)
-    before = {p: p.stat().st_mtime_ns for p in source.rglob("*") if p.is_file()}
+    flags = [*FLAGS, "--trainer.max_epochs=2"]
+    source, before = finished_run(tmp_path / "runs", flags)
     out = tmp_path / "out"
-    proc = run("bench/eval_user_refresh.py", "--pipeline", "configs/ml100k/pipeline.yaml",
-               "--runs", str(tmp_path / "runs"), "--seeds", "0", "--out", str(out),
-               "--json", str(tmp_path / "r.json"), *flags)
+    proc = run_python("bench/eval_user_refresh.py", "--pipeline", "configs/ml100k/pipeline.yaml",
+                      "--runs", str(tmp_path / "runs"), "--seeds", "0", "--out", str(out),
+                      "--json", str(tmp_path / "r.json"), *flags)
     result = json.loads((tmp_path / "r.json").read_text())
     seed = result["seeds"][0]
     # The shipped config tests with fixed SCIDs; the script reproduced that (it checks).
@@ -194,4 +177,4 @@ def test_eval_user_refresh_retests_a_finished_run_both_ways(tmp_path):
     assert set(result["paired"]) == {"refreshed-fixed", "fixed-sasrec", "refreshed-sasrec"}
     assert "| mean |" in proc.stdout
     # The original run is only read.
-    assert before == {p: p.stat().st_mtime_ns for p in source.rglob("*") if p.is_file()}
+    assert before == files_of(source)
