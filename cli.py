@@ -1112,11 +1112,10 @@ def breakdown(argv: list[str]) -> int:
     data.setup()
     split = data.split
     row_of = {str(data.dataset.user_ids[u]): i for i, u in enumerate(split.users.tolist())}
-    counts = np.bincount(np.concatenate([np.asarray(s, np.int64) for s in split.train_items]),
-                         minlength=split.num_items)
-    target = split.test_target if args.split == "test" else split.valid_target
-    lengths = np.array([len(s) for s in split.train_items]) + (args.split == "test")
-    per_row = counts[target] if args.by == "popularity" else lengths
+    if args.by == "popularity":
+        per_row = split.train_item_counts()[split.target(args.split)]
+    else:
+        per_row = np.array([len(s) for s in split.train_items]) + (args.split == "test")
     keys, metrics = [], {s: [] for s in stages}
     for j in range(len(runs)):
         users, first = None, columns[stages[0]][j]

@@ -71,6 +71,13 @@ class LeaveOneOutSplit:
             counts[int(user)] = max(0, len(self.train_items[row]) - 1)
         return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
+    def train_item_counts(self) -> np.ndarray:
+        """``[num_items]`` int64: how often each item occurs in the training sequences (the
+        held-out targets not counted)."""
+        train = [np.asarray(s, dtype=np.int64) for s in self.train_items if len(s)]
+        return np.bincount(np.concatenate(train) if train else np.zeros(0, dtype=np.int64),
+                           minlength=self.num_items)
+
     def target(self, stage: str) -> np.ndarray:
         return self.valid_target if stage == "valid" else self.test_target
 

@@ -281,11 +281,7 @@ class GenerativeRecommender(L.LightningModule):
         self.prompts = datamodule.prompts
         self._split = datamodule.split
         if self.decode_prior:
-            import numpy as np
-
-            seqs = [np.asarray(x, dtype=np.int64) for x in self._split.train_items]
-            self.set_prior_counts(np.bincount(np.concatenate(seqs),
-                                              minlength=self._split.num_items).tolist())
+            self.set_prior_counts(self._split.train_item_counts().tolist())
         if self.scid_map is not None and datamodule.scid_map is not None and \
                 not torch.equal(self.scid_map.item_codes, datamodule.scid_map.item_codes):
             raise ValueError("the DataModule's SCID map differs from the model's")
@@ -374,13 +370,16 @@ class GenerativeRecommender(L.LightningModule):
             exclude = exclude.to(device)
         if self.trie.device != device:
             self.trie = self.trie.to(device)  # once, not at every call
+        bias = self.node_bias() if prior else None
+        if bias is not None and bias[0].device != device:
+            self._node_bias = bias = [b.to(device) for b in bias]  # once, as the trie
         was_training = self.model.training
         self.model.eval()  # dropout off; beam search needs deterministic scores
         try:
             items, scores = constrained_beam_search(
                 self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
                 self.trie, num_beams=num_beams, exclude_items=exclude,
-                node_bias=self.node_bias() if prior else None)
+                node_bias=bias)
         finally:
             self.model.train(was_training)
         return items, scores

@@ -45,9 +45,7 @@ class MostPopular(CatalogueScoringEval, L.LightningModule):
         if dm is None or not hasattr(dm, "split"):
             raise ValueError("MostPopular needs a RecDataModule (its training split)")
         dm.load()
-        train = [s for s in dm.split.train_items if len(s)]
-        counts = np.bincount(np.concatenate(train) if train else np.zeros(0, dtype=np.int64),
-                             minlength=dm.num_items)
+        counts = dm.split.train_item_counts()
         self.counts = counts
         # Integer scores, exact in float32: the most popular item scores num_items, the next
         # num_items - 1, ... (a stable sort: equal counts keep the lower index first).
