@@ -337,6 +337,8 @@ def _relative_to_run(value, run_dir: str):
 
 # model.init_args options whose value here leaves the computation as it was before the option.
 NEUTRAL_OPTIONS = {"train_precision": "32", "user_scid_refresh": "False", "decode_prior": "0.0"}
+# The same for data.init_args options.
+NEUTRAL_DATA_OPTIONS = {"collaborative_smoothing": "0.0"}
 
 
 def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str]) -> dict:
@@ -358,6 +360,10 @@ def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str
     for option, neutral in NEUTRAL_OPTIONS.items():
         if option in init_args and str(init_args[option]) == neutral:
             init_args.pop(option)
+    data_args = (resolved.get("data") or {}).get("init_args") or {}
+    for option, neutral in NEUTRAL_DATA_OPTIONS.items():
+        if option in data_args and str(data_args[option]) == neutral:
+            data_args.pop(option)
     return _relative_to_run(resolved, str(run_dir))
 
 

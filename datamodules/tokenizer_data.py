@@ -13,6 +13,12 @@ whatever their widths and scales; ``collaborative_weight`` then scales the colla
 squared error weighs that block by its square). ``features`` picks the blocks (the ablation
 switch); a dataset without item text runs collaborative-only.
 
+``collaborative_smoothing`` (a pseudo-count ``k``; 0 = off) shrinks each item's collaborative
+row toward its training neighbours (:func:`neighbour_smoothed`): an item seen ``c`` times in
+the training sequences keeps weight ``c / (c + k)`` on its own SASRec embedding and gives
+``k / (c + k)`` to the mean of the items next to it there. Rarely seen items, whose SASRec
+rows carry little signal of their own, then sit with the items they occur beside.
+
 Training batches are (user, positive item) pairs from the training split only, each with
 ``num_negatives`` items sampled uniformly among those the user has no training interaction with.
 The validation loader yields one batch holding every entity id, so the model can report codebook
@@ -125,6 +131,37 @@ def load_prefix_user_embeddings(run_dir: str, num_users: int,
     return states.float(), offsets.long()
 
 
+def neighbour_smoothed(embeddings: Tensor, sequences, k: float) -> Tensor:
+    """``embeddings [num_items, d]`` shrunk toward their neighbours in ``sequences``.
+
+    Per item ``i`` seen ``c_i`` times in ``sequences`` (the training sequences, in order), with
+    ``m_i`` the mean of the L2-normalised rows of the items right before and right after its
+    occurrences: ``(c_i * e_i + k * m_i) / (c_i + k)``, ``e_i`` its L2-normalised row. Items
+    without a neighbour (never seen, or only in one-item sequences) keep ``e_i``.
+    """
+    if not math.isfinite(k) or k < 0:
+        raise ValueError(f"the smoothing pseudo-count must be a finite number >= 0, got {k!r}")
+    unit = F.normalize(embeddings.float(), dim=1)
+    if k == 0:
+        return unit
+    num_items = unit.shape[0]
+    seqs = [np.asarray(s, dtype=np.int64) for s in sequences if len(s)]
+    left = np.concatenate([s[:-1] for s in seqs]) if seqs else np.zeros(0, dtype=np.int64)
+    right = np.concatenate([s[1:] for s in seqs]) if seqs else np.zeros(0, dtype=np.int64)
+    counts = np.bincount(np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64),
+                         minlength=num_items)
+    if len(counts) > num_items or (len(left) and min(left.min(), right.min()) < 0):
+        raise ValueError(f"the sequences hold item ids outside 0..{num_items - 1}")
+    # Each adjacent pair (a, b) makes b a neighbour of a and a a neighbour of b.
+    ends = torch.from_numpy(np.concatenate([left, right]))
+    others = torch.from_numpy(np.concatenate([right, left]))
+    sums = torch.zeros_like(unit).index_add_(0, ends, unit[others])
+    degree = torch.bincount(ends, minlength=num_items).to(unit.dtype)[:, None]
+    mean = sums / degree.clamp(min=1)
+    c = torch.from_numpy(counts).to(unit.dtype)[:, None]
+    return torch.where(degree > 0, (c * unit + k * mean) / (c + k), unit)
+
+
 class TokenizerDataModule(RecDataModule):
     """Inputs and U2I pairs of the tokenizer stage (see the module docstring).
 
@@ -138,6 +175,9 @@ class TokenizerDataModule(RecDataModule):
         collaborative_weight: scale of the L2-normalised collaborative block against the
             semantic one (1 = equal norms; 2 = behaviour counts four times as much in the
             reconstruction). Used only when both blocks are present.
+        collaborative_smoothing: pseudo-count ``k`` of the shrinkage of each item's
+            collaborative row toward its training neighbours (see the module docstring;
+            0 = the SASRec rows as they are).
         num_negatives: negatives per (user, positive) pair for the U2I loss (paper: 60).
         batch_size: (user, positive) pairs per training batch.
         **kwargs: :class:`~datamodules.base.RecDataModule` arguments (``dataset``,
@@ -151,7 +191,8 @@ class TokenizerDataModule(RecDataModule):
                  item_text_fields: list[str] | None = None,
                  user_text_fields: list[str] | None = None,
                  collaborative_weight: float = 1.0, num_negatives: int = 60,
-                 batch_size: int = 1024, **kwargs) -> None:
+                 batch_size: int = 1024, collaborative_smoothing: float = 0.0,
+                 **kwargs) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         if features not in ("both", "semantic", "collaborative"):
             raise ValueError(f"features must be both|semantic|collaborative, got {features!r}")
@@ -160,6 +201,12 @@ class TokenizerDataModule(RecDataModule):
                 not math.isfinite(collaborative_weight) or collaborative_weight <= 0:
             raise ValueError("data.init_args.collaborative_weight must be a finite number > 0, "
                              f"got {collaborative_weight!r}")
+        if isinstance(collaborative_smoothing, bool) or \
+                not isinstance(collaborative_smoothing, (int, float)) or \
+                not math.isfinite(collaborative_smoothing) or collaborative_smoothing < 0:
+            raise ValueError("data.init_args.collaborative_smoothing must be a finite number "
+                             f">= 0, got {collaborative_smoothing!r}")
+        self.collaborative_smoothing = float(collaborative_smoothing)
         self.features = features
         self.collaborative_weight = float(collaborative_weight)
         self.text_encoder = text_encoder
@@ -209,6 +256,9 @@ class TokenizerDataModule(RecDataModule):
                                  "stage: set data.init_args.run_dir (or features='semantic')")
             items, users, sasrec_info = load_collaborative_embeddings(
                 self.run_dir, data.name, data.num_items, data.num_users)
+            if self.collaborative_smoothing > 0:
+                items = neighbour_smoothed(items, split.train_items,
+                                           self.collaborative_smoothing)
             blocks_items.append(items)
             blocks_users.append(users)
             used.append("collaborative")
@@ -230,6 +280,8 @@ class TokenizerDataModule(RecDataModule):
                 prefix_blocks.append((prefix[0], False))
                 self.user_prefix_offsets = prefix[1]
             self.info["sasrec_fingerprint"] = sasrec_info.get("fingerprint", "")
+            if self.collaborative_smoothing > 0:  # (absent when off: exports as before it)
+                self.info["collaborative_smoothing"] = self.collaborative_smoothing
         # Zero rows (users without training items) stay zero under F.normalize.
         weights = [self.collaborative_weight if name == "collaborative" and len(used) > 1
                    else 1.0 for name in used]

@@ -78,6 +78,13 @@ def test_a_later_option_at_its_neutral_value_keeps_earlier_fingerprints(tmp_path
         *args, ["--model.init_args.train_precision=32"])["model"]["init_args"]
     assert resolved_stage_config(*args, ["--model.init_args.train_precision=bf16"])[
         "model"]["init_args"]["train_precision"] == "bf16"
+    # the same for a data option: collaborative_smoothing=0 is the tokenizer before it
+    tok = ("tokenizer", "configs/ml100k/tokenizer.yaml", tmp_path / "a")
+    fp = {k: stage_fingerprint(*tok, [f"--data.init_args.collaborative_smoothing={k}"],
+                               {"sasrec": "s1"})["stage_fingerprint"] for k in ("0", "3")}
+    assert fp["0"] == stage_fingerprint(*tok, [], {"sasrec": "s1"})["stage_fingerprint"]
+    assert fp["0"] != fp["3"]
+    assert "collaborative_smoothing" not in resolved_stage_config(*tok, [])["data"]["init_args"]
 
 
 def test_find_and_copy_stage(tmp_path):

@@ -12,12 +12,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
 from callbacks.loss_schedule import TwoPhaseLossSchedule
 from datamodules.schema import DataError
-from datamodules.tokenizer_data import TokenizerDataModule
+from datamodules.tokenizer_data import TokenizerDataModule, neighbour_smoothed
 from lightning_modules.components.artifacts import atomic_torch_save, mark_stage_complete
 from lightning_modules.components.residual_kmeans import ResidualKMeans
 from lightning_modules.components.rqvae import RQVAE
@@ -191,6 +192,49 @@ def test_collaborative_weight_scales_only_that_block(trained, tmp_path):
     for bad in (0, -1.0, float("nan"), "2", True):
         with pytest.raises(ValueError, match="collaborative_weight must be a finite number > 0"):
             data(trained.run_dir, collaborative_weight=bad)
+
+
+def test_neighbour_smoothing_by_hand():
+    """Item 1 occurs twice (beside 0 and 2, and beside 2): weight 2/(2+k) on its own row and
+    k/(2+k) on the mean of its three neighbour occurrences; item 3 has none and stays."""
+    e = torch.tensor([[3.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 5.0]])
+    out = neighbour_smoothed(e, [np.array([0, 1, 2]), [1, 2], [], [3]], 1.0)
+    unit = torch.eye(4)
+    assert torch.allclose(out[0], (1 * unit[0] + 1 * unit[1]) / 2)
+    assert torch.allclose(out[1], (2 * unit[1] + (unit[0] + 2 * unit[2]) / 3) / 3)
+    assert torch.allclose(out[2], (2 * unit[2] + unit[1]) / 3)
+    assert torch.equal(out[3], unit[3])
+    assert torch.equal(neighbour_smoothed(e, [[0, 1, 2]], 0.0), unit)
+    # a large pseudo-count leaves a seen item near the mean of its neighbours
+    assert torch.allclose(neighbour_smoothed(e, [[0, 1]], 1e6)[0], unit[1], atol=1e-5)
+    with pytest.raises(ValueError, match="item ids outside 0..3"):
+        neighbour_smoothed(e, [[0, 4]], 1.0)
+    with pytest.raises(ValueError, match="pseudo-count must be a finite number >= 0"):
+        neighbour_smoothed(e, [[0, 1]], -1.0)
+
+
+def test_collaborative_smoothing_moves_rare_items_only_and_only_items(trained):
+    """Computed from the training sequences (held-out targets are not in them): rows of items
+    seen often barely move, rows of items seen once move most; users and the text block are
+    untouched."""
+    dm = data(trained.run_dir, collaborative_smoothing=2.0)
+    dm.setup()
+    split = dm.split
+    assert torch.equal(dm.user_x, trained.dm.user_x)
+    assert torch.equal(dm.item_x[:, :TEXT_DIM], trained.dm.item_x[:, :TEXT_DIM])
+    raw = torch.load(trained.run_dir / "sasrec" / "item_embeddings.pt")
+    expected = torch.nn.functional.normalize(
+        neighbour_smoothed(raw, split.train_items, 2.0), dim=1)
+    assert torch.allclose(dm.item_x[:, TEXT_DIM:], expected, atol=1e-6)
+    moved = (dm.item_x[:, TEXT_DIM:] - trained.dm.item_x[:, TEXT_DIM:]).norm(dim=1)
+    counts = torch.from_numpy(split.train_item_counts())
+    assert moved[counts == 0].max() < 1e-6  # in no training sequence: nothing to lean on
+    assert moved[counts >= 20].mean() < moved[counts == 1].mean() / 3
+    assert dm.info["collaborative_smoothing"] == 2.0
+    assert "collaborative_smoothing" not in trained.dm.info  # off: exported as before it
+    for bad in (-1.0, float("inf"), "2", True):
+        with pytest.raises(ValueError, match="collaborative_smoothing must be a finite number"):
+            data(trained.run_dir, collaborative_smoothing=bad)
 
 
 def test_items_only_and_shared_quantizer(tmp_path):
