@@ -148,10 +148,10 @@ def neighbour_smoothed(embeddings: Tensor, sequences, k: float) -> Tensor:
     seqs = [np.asarray(s, dtype=np.int64) for s in sequences if len(s)]
     left = np.concatenate([s[:-1] for s in seqs]) if seqs else np.zeros(0, dtype=np.int64)
     right = np.concatenate([s[1:] for s in seqs]) if seqs else np.zeros(0, dtype=np.int64)
-    counts = np.bincount(np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64),
-                         minlength=num_items)
-    if len(counts) > num_items or (len(left) and min(left.min(), right.min()) < 0):
+    flat = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)
+    if len(flat) and (flat.min() < 0 or flat.max() >= num_items):
         raise ValueError(f"the sequences hold item ids outside 0..{num_items - 1}")
+    counts = np.bincount(flat, minlength=num_items)
     # Each adjacent pair (a, b) makes b a neighbour of a and a a neighbour of b.
     ends = torch.from_numpy(np.concatenate([left, right]))
     others = torch.from_numpy(np.concatenate([right, left]))

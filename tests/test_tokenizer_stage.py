@@ -207,8 +207,9 @@ def test_neighbour_smoothing_by_hand():
     assert torch.equal(neighbour_smoothed(e, [[0, 1, 2]], 0.0), unit)
     # a large pseudo-count leaves a seen item near the mean of its neighbours
     assert torch.allclose(neighbour_smoothed(e, [[0, 1]], 1e6)[0], unit[1], atol=1e-5)
-    with pytest.raises(ValueError, match="item ids outside 0..3"):
-        neighbour_smoothed(e, [[0, 4]], 1.0)
+    for bad in ([[0, 4]], [[-1, 2]]):
+        with pytest.raises(ValueError, match="item ids outside 0..3"):
+            neighbour_smoothed(e, bad, 1.0)
     with pytest.raises(ValueError, match="pseudo-count must be a finite number >= 0"):
         neighbour_smoothed(e, [[0, 1]], -1.0)
 
