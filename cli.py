@@ -335,10 +335,12 @@ def _relative_to_run(value, run_dir: str):
     return value
 
 
-# model.init_args options whose value here leaves the computation as it was before the option.
-NEUTRAL_OPTIONS = {"train_precision": "32", "user_scid_refresh": "False", "decode_prior": "0.0"}
-# The same for data.init_args options.
-NEUTRAL_DATA_OPTIONS = {"collaborative_smoothing": "0.0"}
+# <section>.init_args options whose value here leaves the computation as it was before the
+# option.
+NEUTRAL_OPTIONS = {
+    "model": {"train_precision": "32", "user_scid_refresh": "False", "decode_prior": "0.0"},
+    "data": {"collaborative_smoothing": "0.0"},
+}
 
 
 def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str]) -> dict:
@@ -356,14 +358,11 @@ def resolved_stage_config(name: str, config: str, run_dir: Path, extra: list[str
         resolved.pop("patience", None)    # fingerprints stay those of earlier versions)
     # Options added later, at the value that computes what the code did before them: dropped,
     # so that stages made before the option existed keep their fingerprints.
-    init_args = (resolved.get("model") or {}).get("init_args") or {}
-    for option, neutral in NEUTRAL_OPTIONS.items():
-        if option in init_args and str(init_args[option]) == neutral:
-            init_args.pop(option)
-    data_args = (resolved.get("data") or {}).get("init_args") or {}
-    for option, neutral in NEUTRAL_DATA_OPTIONS.items():
-        if option in data_args and str(data_args[option]) == neutral:
-            data_args.pop(option)
+    for section, options in NEUTRAL_OPTIONS.items():
+        init_args = (resolved.get(section) or {}).get("init_args") or {}
+        for option, neutral in options.items():
+            if option in init_args and str(init_args[option]) == neutral:
+                init_args.pop(option)
     return _relative_to_run(resolved, str(run_dir))
 
 
