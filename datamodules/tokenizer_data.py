@@ -145,10 +145,11 @@ def neighbour_smoothed(embeddings: Tensor, sequences, k: float) -> Tensor:
     if k == 0:
         return unit
     num_items = unit.shape[0]
-    seqs = [np.asarray(s, dtype=np.int64) for s in sequences if len(s)]
-    left = np.concatenate([s[:-1] for s in seqs]) if seqs else np.zeros(0, dtype=np.int64)
-    right = np.concatenate([s[1:] for s in seqs]) if seqs else np.zeros(0, dtype=np.int64)
-    flat = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)
+    # One empty array keeps the concatenations defined when no sequence holds an item.
+    seqs = [np.asarray(s, dtype=np.int64) for s in sequences] or [np.zeros(0, dtype=np.int64)]
+    left = np.concatenate([s[:-1] for s in seqs])
+    right = np.concatenate([s[1:] for s in seqs])
+    flat = np.concatenate(seqs)
     if len(flat) and (flat.min() < 0 or flat.max() >= num_items):
         raise ValueError(f"the sequences hold item ids outside 0..{num_items - 1}")
     counts = np.bincount(flat, minlength=num_items)
