@@ -9,7 +9,10 @@ Training examples are built from ``split.train_items`` (never the validation or 
   Windows tile the user's sequence from its end with a random shift per draw.
 * ``seqrec`` in ``prompt`` mode (the paper's form): one instruction example per prefix.
 * ``item2index``, ``index2item``, ``user2index``, ``index2user``, ``fusionseqrec``: alignment
-  tasks, ``weight x (natural size)`` examples per epoch (items, users, users).
+  tasks, ``weight x (natural size)`` examples per epoch (items, users, users). Which
+  items/users a task of weight < 1 trains is one seeded draw for the whole fit
+  (``task_draws: fixed``) or a new draw every epoch (``task_draws: epoch``), so that over the
+  epochs the tasks cover the whole catalogue.
 
 Validation predicts ``split.valid_target`` from ``history(row, "valid")``; test predicts
 ``split.test_target`` from ``history(row, "test")``. Evaluation batches carry row indices,
@@ -41,6 +44,7 @@ from lightning_modules.components.scid_map import SCIDMap, load_scid_map
 
 log = logging.getLogger(__name__)
 
+TASK_DRAWS = ("fixed", "epoch")
 DEFAULT_TASKS = {"seqrec": 1.0, "item2index": 0.5, "index2item": 0.25, "user2index": 0.5,
                  "index2user": 0.25, "fusionseqrec": 0.1}
 
@@ -54,7 +58,7 @@ class SFTTrainDataset(Dataset):
 
     def __init__(self, prompts: PromptBuilder, split, tasks: dict[str, float],
                  seqrec_mode: str, window_min_context: int, max_history: int,
-                 seed: int = 0) -> None:
+                 seed: int | list[int] = 0) -> None:
         self.prompts = prompts
         self.split = split
         self.max_history = max_history
@@ -261,6 +265,10 @@ class SFTDataModule(RecDataModule):
             (the tokenizer's ``user_prefix_codes.pt``), not the one encoded after all training
             items, which knows the targets. Evaluation prompts and the user alignment tasks
             keep the training-history SCID.
+        task_draws: ``fixed``: a task of weight ``w < 1`` trains the same seeded ``w`` share
+            of its items/users every epoch (the others never); ``epoch``: a new seeded draw
+            every epoch (needs ``trainer.reload_dataloaders_every_n_epochs: 1``), the same
+            number of examples per epoch, so the schedule's steps do not change.
     """
 
     reads_stages = ("tokenizer",)  # the SCID map
@@ -270,10 +278,14 @@ class SFTDataModule(RecDataModule):
                  window_min_context: int = 5, inject_user: bool = True,
                  fusion_history: int = 5, max_length: int = 256,
                  val_max_users: int | None = None, group_by_length: bool = False,
-                 user_scid_causal: bool = False, **kwargs) -> None:
+                 user_scid_causal: bool = False, task_draws: str = "fixed",
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if val_max_users is not None and val_max_users < 1:
             raise ValueError(f"data.val_max_users must be >= 1 or null, got {val_max_users}")
+        if task_draws not in TASK_DRAWS:
+            raise ValueError(f"data.task_draws must be one of {TASK_DRAWS}, got {task_draws!r}")
+        self.task_draws = task_draws
         self.group_by_length = group_by_length
         self.scid_dir = scid_dir
         self.templates = templates
@@ -340,11 +352,26 @@ class SFTDataModule(RecDataModule):
         """The model hands over its tokenizer (it owns it; the collator needs it)."""
         self.tokenizer = tokenizer
 
-    def train_dataset(self) -> SFTTrainDataset:
+    def train_dataset(self, epoch: int | None = None) -> SFTTrainDataset:
+        """The examples of one epoch: with ``task_draws: epoch`` the draw of ``epoch``
+        (default: the trainer's current epoch), otherwise the one seeded draw."""
         self.setup()
+        seed: int | list[int] = self.seed
+        if self.task_draws == "epoch":
+            trainer = self.trainer
+            if epoch is None:
+                epoch = int(trainer.current_epoch) if trainer is not None else 0
+            if trainer is not None and trainer.reload_dataloaders_every_n_epochs != 1:
+                raise ValueError(
+                    "data.init_args.task_draws=epoch draws new alignment examples every epoch, "
+                    "so the trainer must rebuild the train dataloader every epoch: set "
+                    "trainer.reload_dataloaders_every_n_epochs: 1 (it is "
+                    f"{trainer.reload_dataloaders_every_n_epochs})")
+            seed = [self.seed, int(epoch)]
         ds = SFTTrainDataset(self.prompts, self.split, self.tasks, self.seqrec_mode,
-                             self.window_min_context, self.max_history, seed=self.seed)
-        log.info("SFT examples per epoch: %s", ds.counts)
+                             self.window_min_context, self.max_history, seed=seed)
+        log.info("SFT examples per epoch%s: %s",
+                 f" (draw of epoch {epoch})" if self.task_draws == "epoch" else "", ds.counts)
         return ds
 
     def train_dataloader(self) -> DataLoader:

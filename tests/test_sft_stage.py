@@ -291,3 +291,43 @@ def test_evaluation_batches_users_by_history_length_without_changing_metrics(tra
     assert plain == pytest.approx(by_length, abs=1e-6)
     rows, ranks = model.last_ranks["test"]
     assert torch.equal(rows, sorted_ranks[0]) and torch.equal(ranks, sorted_ranks[1])
+
+
+def _alignment_items(ds, task: str) -> set:
+    return {spec for t, spec in ds.specs if t == task}
+
+
+def test_task_draws_per_epoch_cover_the_catalogue_and_keep_the_epoch_size(tmp_path):
+    scid_map().save(tmp_path / "tokenizer")
+    fixed = make_dm(tmp_path)
+    draws = make_dm(tmp_path, task_draws="epoch")
+    # fixed: the same items every epoch, and the draw that the option's absence gave
+    assert fixed.train_dataset(epoch=0).specs == fixed.train_dataset(epoch=5).specs
+    d0, d1 = draws.train_dataset(epoch=0), draws.train_dataset(epoch=1)
+    assert d0.counts == d1.counts == fixed.train_dataset().counts
+    a0, a1 = _alignment_items(d0, "item2index"), _alignment_items(d1, "item2index")
+    assert len(a0) == len(a1) == d0.counts["item2index"] and a0 != a1
+    # seeded: the same epoch draws the same examples
+    assert make_dm(tmp_path, task_draws="epoch").train_dataset(epoch=1).specs == d1.specs
+    covered = set().union(*(_alignment_items(draws.train_dataset(epoch=e), "item2index")
+                            for e in range(8)))
+    assert len(covered) > 4 * d0.counts["item2index"]
+    with pytest.raises(ValueError, match="task_draws"):
+        make_dm(tmp_path, task_draws="each")
+
+
+def test_a_fit_with_task_draws_per_epoch_trains_each_epochs_draw(tmp_path):
+    scid_map().save(tmp_path / "tokenizer")
+    L.seed_everything(0, verbose=False)
+    dm = make_dm(tmp_path, task_draws="epoch")
+    model = GenerativeRecommender(run_dir=str(tmp_path), backbone=TINY, lr=3e-3)
+    tr = trainer(limit_train_batches=2, limit_val_batches=0, max_epochs=2,
+                 reload_dataloaders_every_n_epochs=1)
+    tr.fit(model, datamodule=dm)
+    last = tr.train_dataloader.dataset
+    assert last.specs == dm.train_dataset(epoch=1).specs != dm.train_dataset(epoch=0).specs
+    # Without the reload the trainer would train epoch 0's draw throughout: a clear error.
+    dm = make_dm(tmp_path, task_draws="epoch")
+    model = GenerativeRecommender(run_dir=str(tmp_path), backbone=TINY, lr=3e-3)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
+        trainer(limit_train_batches=2, limit_val_batches=0).fit(model, datamodule=dm)
