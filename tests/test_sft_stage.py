@@ -301,7 +301,7 @@ def test_task_draws_per_epoch_cover_the_catalogue_and_keep_the_epoch_size(tmp_pa
     scid_map().save(tmp_path / "tokenizer")
     fixed = make_dm(tmp_path)
     draws = make_dm(tmp_path, task_draws="epoch")
-    # fixed: the same items every epoch, and the draw that the option's absence gave
+    # fixed: the same items in every epoch
     assert fixed.train_dataset(epoch=0).specs == fixed.train_dataset(epoch=5).specs
     d0, d1 = draws.train_dataset(epoch=0), draws.train_dataset(epoch=1)
     assert d0.counts == d1.counts == fixed.train_dataset().counts
