@@ -339,7 +339,8 @@ def _relative_to_run(value, run_dir: str):
 # option.
 NEUTRAL_OPTIONS = {
     "model": {"train_precision": "32", "user_scid_refresh": "False", "decode_prior": "0.0"},
-    "data": {"collaborative_smoothing": "0.0", "task_draws": "fixed"},
+    "data": {"collaborative_smoothing": "0.0", "task_draws": "fixed",
+             "task_schedule": "mixed"},
 }
 
 

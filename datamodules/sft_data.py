@@ -13,6 +13,9 @@ Training examples are built from ``split.train_items`` (never the validation or 
   items/users a task of weight < 1 trains is one seeded draw for the whole fit
   (``task_draws: fixed``) or a new draw every epoch (``task_draws: epoch``), so that over the
   epochs the tasks cover the whole catalogue.
+* ``task_schedule``: ``mixed`` trains every task in every epoch; ``align_first`` keeps each
+  task's examples over the fit but orders them: all alignment examples of the fit first, then
+  the next-item ones, cut into epochs of the same size (so the schedule's steps do not change).
 
 Validation predicts ``split.valid_target`` from ``history(row, "valid")``; test predicts
 ``split.test_target`` from ``history(row, "test")``. Evaluation batches carry row indices,
@@ -45,6 +48,8 @@ from lightning_modules.components.scid_map import SCIDMap, load_scid_map
 log = logging.getLogger(__name__)
 
 TASK_DRAWS = ("fixed", "epoch")
+TASK_SCHEDULES = ("mixed", "align_first")
+NEXT_ITEM_TASKS = ("seqrec",)
 DEFAULT_TASKS = {"seqrec": 1.0, "item2index": 0.5, "index2item": 0.25, "user2index": 0.5,
                  "index2user": 0.25, "fusionseqrec": 0.1}
 
@@ -269,6 +274,12 @@ class SFTDataModule(RecDataModule):
             of its items/users every epoch (the others never); ``epoch``: a new seeded draw
             every epoch (needs ``trainer.reload_dataloaders_every_n_epochs: 1``), the same
             number of examples per epoch, so the schedule's steps do not change.
+        task_schedule: ``mixed``: every epoch trains all tasks; ``align_first``: the fit's
+            examples are the same (epoch ``e`` of ``trainer.max_epochs`` contributes its draw),
+            but the alignment tasks' examples come first and the next-item (``seqrec``) ones
+            after them, cut into epochs of equal size: the first epochs align SCIDs with text,
+            the last ones only predict the next item. Needs
+            ``trainer.reload_dataloaders_every_n_epochs: 1``.
     """
 
     reads_stages = ("tokenizer",)  # the SCID map
@@ -279,13 +290,17 @@ class SFTDataModule(RecDataModule):
                  fusion_history: int = 5, max_length: int = 256,
                  val_max_users: int | None = None, group_by_length: bool = False,
                  user_scid_causal: bool = False, task_draws: str = "fixed",
-                 **kwargs) -> None:
+                 task_schedule: str = "mixed", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if val_max_users is not None and val_max_users < 1:
             raise ValueError(f"data.val_max_users must be >= 1 or null, got {val_max_users}")
         if task_draws not in TASK_DRAWS:
             raise ValueError(f"data.task_draws must be one of {TASK_DRAWS}, got {task_draws!r}")
+        if task_schedule not in TASK_SCHEDULES:
+            raise ValueError(f"data.task_schedule must be one of {TASK_SCHEDULES}, "
+                             f"got {task_schedule!r}")
         self.task_draws = task_draws
+        self.task_schedule = task_schedule
         self.group_by_length = group_by_length
         self.scid_dir = scid_dir
         self.templates = templates
@@ -352,26 +367,64 @@ class SFTDataModule(RecDataModule):
         """The model hands over its tokenizer (it owns it; the collator needs it)."""
         self.tokenizer = tokenizer
 
-    def train_dataset(self, epoch: int | None = None) -> SFTTrainDataset:
-        """The examples of one epoch: with ``task_draws: epoch`` the draw of ``epoch``
-        (default: the trainer's current epoch), otherwise the one seeded draw."""
+    def train_dataset(self, epoch: int | None = None,
+                      num_epochs: int | None = None) -> SFTTrainDataset:
+        """The examples of one epoch (default: the trainer's current epoch).
+
+        With ``task_draws: epoch`` the draw of ``epoch``, otherwise the one seeded draw; with
+        ``task_schedule: align_first`` epoch ``epoch``'s share of the fit's examples, alignment
+        first (``num_epochs`` defaults to ``trainer.max_epochs``).
+        """
         self.setup()
-        seed: int | list[int] = self.seed
+        trainer = self.trainer
+        per_epoch = self.task_draws == "epoch" or self.task_schedule == "align_first"
+        if epoch is None:
+            epoch = int(trainer.current_epoch) if trainer is not None else 0
+        if per_epoch and trainer is not None and trainer.reload_dataloaders_every_n_epochs != 1:
+            option = ("task_draws=epoch draws new alignment examples every epoch"
+                      if self.task_draws == "epoch" else
+                      "task_schedule=align_first trains other tasks in other epochs")
+            raise ValueError(
+                f"data.init_args.{option}, so the trainer must rebuild the train dataloader "
+                "every epoch: set trainer.reload_dataloaders_every_n_epochs: 1 (it is "
+                f"{trainer.reload_dataloaders_every_n_epochs})")
+        if self.task_schedule == "align_first":
+            if num_epochs is None:
+                num_epochs = trainer.max_epochs if trainer is not None else None
+            if num_epochs is None or num_epochs < 1:
+                raise ValueError("data.init_args.task_schedule=align_first spreads the fit's "
+                                 "examples over its epochs: set trainer.max_epochs "
+                                 f"(got {num_epochs})")
+            ds = self._scheduled(int(epoch), int(num_epochs))
+        else:
+            ds = self._drawn(int(epoch))
+        log.info("SFT examples of epoch %d: %s", epoch, ds.counts)
+        return ds
+
+    def _drawn(self, epoch: int) -> SFTTrainDataset:
+        seed: int | list[int] = [self.seed, epoch] if self.task_draws == "epoch" else self.seed
+        return SFTTrainDataset(self.prompts, self.split, self.tasks, self.seqrec_mode,
+                               self.window_min_context, self.max_history, seed=seed)
+
+    def _scheduled(self, epoch: int, num_epochs: int) -> SFTTrainDataset:
+        """Epoch ``epoch`` of ``num_epochs`` under ``align_first``: the draws of all epochs,
+        alignment examples before next-item ones (each in epoch order), cut evenly."""
+        if not 0 <= epoch < num_epochs:
+            raise ValueError(f"epoch {epoch} is outside the fit's {num_epochs} epochs")
         if self.task_draws == "epoch":
-            trainer = self.trainer
-            if epoch is None:
-                epoch = int(trainer.current_epoch) if trainer is not None else 0
-            if trainer is not None and trainer.reload_dataloaders_every_n_epochs != 1:
-                raise ValueError(
-                    "data.init_args.task_draws=epoch draws new alignment examples every epoch, "
-                    "so the trainer must rebuild the train dataloader every epoch: set "
-                    "trainer.reload_dataloaders_every_n_epochs: 1 (it is "
-                    f"{trainer.reload_dataloaders_every_n_epochs})")
-            seed = [self.seed, int(epoch)]
-        ds = SFTTrainDataset(self.prompts, self.split, self.tasks, self.seqrec_mode,
-                             self.window_min_context, self.max_history, seed=seed)
-        log.info("SFT examples per epoch%s: %s",
-                 f" (draw of epoch {epoch})" if self.task_draws == "epoch" else "", ds.counts)
+            draws = [self._drawn(e) for e in range(num_epochs)]
+        else:
+            draws = [self._drawn(0)] * num_epochs
+        ds = draws[epoch]
+        align = [s for d in draws for s in d.specs if s[0] not in NEXT_ITEM_TASKS]
+        nexts = [s for d in draws for s in d.specs if s[0] in NEXT_ITEM_TASKS]
+        order = align + nexts
+        lo, hi = (epoch * len(order)) // num_epochs, ((epoch + 1) * len(order)) // num_epochs
+        ds.specs = order[lo:hi]
+        counts: dict[str, int] = {}
+        for task, _ in ds.specs:
+            counts[task] = counts.get(task, 0) + 1
+        ds.counts = counts
         return ds
 
     def train_dataloader(self) -> DataLoader:

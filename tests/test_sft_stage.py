@@ -331,3 +331,41 @@ def test_a_fit_with_task_draws_per_epoch_trains_each_epochs_draw(tmp_path):
     model = GenerativeRecommender(run_dir=str(tmp_path), backbone=TINY, lr=3e-3)
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
         trainer(limit_train_batches=2, limit_val_batches=0).fit(model, datamodule=dm)
+
+
+def test_align_first_schedule_keeps_the_fits_examples_and_orders_alignment_first(tmp_path):
+    scid_map().save(tmp_path / "tokenizer")
+    epochs = 4
+    for draws in ("fixed", "epoch"):
+        mixed = make_dm(tmp_path, task_draws=draws)
+        sched = make_dm(tmp_path, task_draws=draws, task_schedule="align_first")
+        mixed_specs = [s for e in range(epochs) for s in mixed.train_dataset(e).specs]
+        parts = [sched.train_dataset(e, num_epochs=epochs).specs for e in range(epochs)]
+        # The fit trains the same examples, in epochs of (almost) the same size ...
+        assert sorted(s for p in parts for s in p) == sorted(mixed_specs)
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        # ... alignment first: once a next-item example appears, no alignment example follows.
+        kinds = [t == "seqrec" for p in parts for t, _ in p]
+        first = kinds.index(True)
+        assert first > 0 and all(kinds[first:])
+        assert set(t for t, _ in parts[0]) != {"seqrec"} and {t for t, _ in parts[-1]} == {
+            "seqrec"}
+    with pytest.raises(ValueError, match="task_schedule"):
+        make_dm(tmp_path, task_schedule="align_last")
+    with pytest.raises(ValueError, match="max_epochs"):
+        make_dm(tmp_path, task_schedule="align_first").train_dataset(0)
+
+
+def test_a_fit_with_the_align_first_schedule_trains_each_epochs_share(tmp_path):
+    scid_map().save(tmp_path / "tokenizer")
+    L.seed_everything(0, verbose=False)
+    dm = make_dm(tmp_path, task_schedule="align_first")
+    model = GenerativeRecommender(run_dir=str(tmp_path), backbone=TINY, lr=3e-3)
+    tr = trainer(limit_train_batches=2, limit_val_batches=0, max_epochs=2,
+                 reload_dataloaders_every_n_epochs=1)
+    tr.fit(model, datamodule=dm)
+    assert tr.train_dataloader.dataset.specs == dm.train_dataset(1, num_epochs=2).specs
+    dm = make_dm(tmp_path, task_schedule="align_first")
+    model = GenerativeRecommender(run_dir=str(tmp_path), backbone=TINY, lr=3e-3)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
+        trainer(limit_train_batches=2, limit_val_batches=0).fit(model, datamodule=dm)
