@@ -15,6 +15,7 @@ PIPELINES = sorted([*ROOT.glob("configs/*/pipeline.yaml"),
                     *ROOT.glob("configs/ablations/pipeline_*.yaml"),
                     *ROOT.glob("configs/templates/pipeline_*.yaml")])
 SFT_ABLATIONS = sorted(p.name for p in ROOT.glob("configs/ablations/sft_*.yaml"))
+DPO_ABLATIONS = sorted(p.name for p in ROOT.glob("configs/ablations/dpo_*.yaml"))
 
 
 def _config_files(path: Path) -> list[str]:
@@ -66,6 +67,23 @@ def test_sft_ablations_compose(ablation, capsys, monkeypatch):
     if ablation in ("sft_tiger.yaml", "sft_collab.yaml", "sft_user.yaml"):
         assert set(tasks) == {"seqrec"}  # next-item prediction only
         assert cfg["data"]["init_args"]["inject_user"] is (ablation == "sft_user.yaml")
+
+
+@pytest.mark.parametrize("ablation", DPO_ABLATIONS)
+def test_dpo_ablations_compose_into_a_valid_curriculum(ablation, capsys, monkeypatch):
+    from lightning_modules.preference_aligner import PreferenceStage
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        Align3CLI(args=["fit", "--config", "configs/ml100k/dpo.yaml", "--config",
+                        f"configs/ablations/{ablation}", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    stages = cfg["model"]["init_args"]["stages"]
+    assert stages, ablation
+    for stage in stages:  # every stage is one the aligner accepts
+        PreferenceStage(**stage)
+    assert cfg["data"]["init_args"]["num_negatives"] == 20  # the rest of the stage config holds
 
 
 def test_pretrained_backbone_presets_turn_the_tiny_models_dropout_off(capsys, monkeypatch):
