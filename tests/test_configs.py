@@ -83,6 +83,8 @@ def test_dpo_ablations_compose_into_a_valid_curriculum(ablation, capsys, monkeyp
     assert stages, ablation
     for stage in stages:  # every stage is one the aligner accepts
         PreferenceStage(**stage)
+    # The trainer runs the whole curriculum (a smaller max_epochs cuts its last stages).
+    assert cfg["trainer"]["max_epochs"] >= sum(s.get("epochs", 1) for s in stages), ablation
     assert cfg["data"]["init_args"]["num_negatives"] == 20  # the rest of the stage config holds
 
 
