@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -421,10 +422,7 @@ class SFTDataModule(RecDataModule):
         order = align + nexts
         lo, hi = (epoch * len(order)) // num_epochs, ((epoch + 1) * len(order)) // num_epochs
         ds.specs = order[lo:hi]
-        counts: dict[str, int] = {}
-        for task, _ in ds.specs:
-            counts[task] = counts.get(task, 0) + 1
-        ds.counts = counts
+        ds.counts = dict(Counter(task for task, _ in ds.specs))
         return ds
 
     def train_dataloader(self) -> DataLoader:
