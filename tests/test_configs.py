@@ -53,14 +53,19 @@ def test_every_pipeline_names_existing_configs():
             assert (ROOT / value).is_file(), f"{path.name}: {value} does not exist"
 
 
-@pytest.mark.parametrize("ablation", SFT_ABLATIONS)
-def test_sft_ablations_compose(ablation, capsys, monkeypatch):
+def _composed(stage_config: str, ablation: str, capsys, monkeypatch) -> dict:
+    """The config LightningCLI resolves from a stage config with an ablation after it."""
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
-        Align3CLI(args=["fit", "--config", "configs/ml100k/sft.yaml", "--config",
+        Align3CLI(args=["fit", "--config", stage_config, "--config",
                         f"configs/ablations/{ablation}", "--print_config"])
     assert exit_info.value.code in (0, None)
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("ablation", SFT_ABLATIONS)
+def test_sft_ablations_compose(ablation, capsys, monkeypatch):
+    cfg = _composed("configs/ml100k/sft.yaml", ablation, capsys, monkeypatch)
     assert cfg["model"]["init_args"]["backbone"]["dropout"] == 0.2
     tasks = cfg["data"]["init_args"]["tasks"]
     assert tasks["seqrec"] == 1.0
@@ -73,12 +78,7 @@ def test_sft_ablations_compose(ablation, capsys, monkeypatch):
 def test_dpo_ablations_compose_into_a_valid_curriculum(ablation, capsys, monkeypatch):
     from lightning_modules.preference_aligner import PreferenceStage
 
-    monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit) as exit_info:
-        Align3CLI(args=["fit", "--config", "configs/ml100k/dpo.yaml", "--config",
-                        f"configs/ablations/{ablation}", "--print_config"])
-    assert exit_info.value.code in (0, None)
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    cfg = _composed("configs/ml100k/dpo.yaml", ablation, capsys, monkeypatch)
     stages = cfg["model"]["init_args"]["stages"]
     assert stages, ablation
     for stage in stages:  # every stage is one the aligner accepts

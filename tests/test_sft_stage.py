@@ -316,18 +316,21 @@ def test_task_draws_per_epoch_cover_the_catalogue_and_keep_the_epoch_size(tmp_pa
         make_dm(tmp_path, task_draws="each")
 
 
-def test_a_fit_with_task_draws_per_epoch_trains_each_epochs_draw(tmp_path):
+@pytest.mark.parametrize("option", [{"task_draws": "epoch"},
+                                    {"task_schedule": "align_first"}])
+def test_a_fit_with_per_epoch_examples_trains_each_epochs_examples(tmp_path, option):
     scid_map().save(tmp_path / "tokenizer")
     L.seed_everything(0, verbose=False)
-    dm = make_dm(tmp_path, task_draws="epoch")
+    dm = make_dm(tmp_path, **option)
     model = GenerativeRecommender(run_dir=str(tmp_path), backbone=TINY, lr=3e-3)
     tr = trainer(limit_train_batches=2, limit_val_batches=0, max_epochs=2,
                  reload_dataloaders_every_n_epochs=1)
     tr.fit(model, datamodule=dm)
     last = tr.train_dataloader.dataset
-    assert last.specs == dm.train_dataset(epoch=1).specs != dm.train_dataset(epoch=0).specs
-    # Without the reload the trainer would train epoch 0's draw throughout: a clear error.
-    dm = make_dm(tmp_path, task_draws="epoch")
+    epoch1 = dm.train_dataset(epoch=1, num_epochs=2).specs
+    assert last.specs == epoch1 != dm.train_dataset(epoch=0, num_epochs=2).specs
+    # Without the reload the trainer would train epoch 0's examples throughout: a clear error.
+    dm = make_dm(tmp_path, **option)
     model = GenerativeRecommender(run_dir=str(tmp_path), backbone=TINY, lr=3e-3)
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
         trainer(limit_train_batches=2, limit_val_batches=0).fit(model, datamodule=dm)
@@ -354,18 +357,3 @@ def test_align_first_schedule_keeps_the_fits_examples_and_orders_alignment_first
         make_dm(tmp_path, task_schedule="align_last")
     with pytest.raises(ValueError, match="max_epochs"):
         make_dm(tmp_path, task_schedule="align_first").train_dataset(0)
-
-
-def test_a_fit_with_the_align_first_schedule_trains_each_epochs_share(tmp_path):
-    scid_map().save(tmp_path / "tokenizer")
-    L.seed_everything(0, verbose=False)
-    dm = make_dm(tmp_path, task_schedule="align_first")
-    model = GenerativeRecommender(run_dir=str(tmp_path), backbone=TINY, lr=3e-3)
-    tr = trainer(limit_train_batches=2, limit_val_batches=0, max_epochs=2,
-                 reload_dataloaders_every_n_epochs=1)
-    tr.fit(model, datamodule=dm)
-    assert tr.train_dataloader.dataset.specs == dm.train_dataset(1, num_epochs=2).specs
-    dm = make_dm(tmp_path, task_schedule="align_first")
-    model = GenerativeRecommender(run_dir=str(tmp_path), backbone=TINY, lr=3e-3)
-    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
-        trainer(limit_train_batches=2, limit_val_batches=0).fit(model, datamodule=dm)
