@@ -412,14 +412,11 @@ class SFTDataModule(RecDataModule):
         alignment examples before next-item ones (each in epoch order), cut evenly."""
         if not 0 <= epoch < num_epochs:
             raise ValueError(f"epoch {epoch} is outside the fit's {num_epochs} epochs")
-        if self.task_draws == "epoch":
-            draws = [self._drawn(e) for e in range(num_epochs)]
-        else:
-            draws = [self._drawn(0)] * num_epochs
-        ds = draws[epoch]
-        align = [s for d in draws for s in d.specs if s[0] not in NEXT_ITEM_TASKS]
-        nexts = [s for d in draws for s in d.specs if s[0] in NEXT_ITEM_TASKS]
-        order = align + nexts
+        per_epoch = self.task_draws == "epoch"
+        draws = [self._drawn(e) for e in range(num_epochs)] if per_epoch else [self._drawn(0)]
+        fit = [s for d in draws for s in d.specs] * (1 if per_epoch else num_epochs)
+        order = sorted(fit, key=lambda spec: spec[0] in NEXT_ITEM_TASKS)  # stable: alignment first
+        ds = draws[epoch if per_epoch else 0]
         lo, hi = (epoch * len(order)) // num_epochs, ((epoch + 1) * len(order)) // num_epochs
         ds.specs = order[lo:hi]
         ds.counts = dict(Counter(task for task, _ in ds.specs))
